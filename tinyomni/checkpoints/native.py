@@ -1,0 +1,111 @@
+"""tinyomni's own checkpoint: a directory anyone can open.
+
+    config.json          OmniConfig
+    model.safetensors    weights (transformers-style names)
+    tokenizer.json       + tokenizer_config.json (special ids)
+    chat_template.jinja  the template chat uses
+
+A checkpoint built on a base decoder (`config.base_decoder`, e.g. "smollm2") may store only what is
+not in the base: the encoders, projectors, and the embedding rows of the tokens it added. Writing is
+atomic: a checkpoint directory is complete or absent, never half written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from tinyomni.config import OmniConfig
+from tinyomni.errors import CheckpointError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TEMPLATE_FILE = "chat_template.jinja"
+ADDED_ROWS = "language_model.model.embed_tokens.added_rows"  # rows past the base vocabulary
+
+
+def atomic_directory(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp_dir)` and move the result to `path` in one rename; the old `path` is replaced
+    only once the new one is complete, so an interruption leaves the previous checkpoint intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        for file in tmp.iterdir():  # data on disk before the rename makes it visible
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def save_weights(directory: Path, state: dict[str, torch.Tensor]) -> None:
+    # safetensors refuses shared storage (tied weights); contiguous copies are what it stores anyway.
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / WEIGHTS_FILE),
+              metadata={"format": "pt", "producer": "tinyomni"})
+
+
+def read_config(path: Path) -> OmniConfig:
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    return OmniConfig.load(path / CONFIG_FILE)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    file = path / WEIGHTS_FILE
+    if not file.is_file():
+        raise CheckpointError(f"weights file missing: {file}")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file} is corrupt or truncated ({e})") from None
+
+
+def split_decoder(state: dict[str, torch.Tensor], base_vocab: int) -> dict[str, torch.Tensor]:
+    """What to store when the decoder comes from a base: everything but `language_model.*`, plus the
+    embedding rows of tokens the base does not have."""
+    out = {k: v for k, v in state.items() if not k.startswith("language_model.")}
+    embed = state["language_model.model.embed_tokens.weight"]
+    if embed.shape[0] > base_vocab:
+        out[ADDED_ROWS] = embed[base_vocab:]
+    return out
+
+
+def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str,
+                allow_missing: Callable[[str], bool] = lambda k: False) -> None:
+    """Fail with the names of missing/unexpected/mis-shaped tensors rather than load silently."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not allow_missing(k)]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {_few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_few(unexpected)}")
+    if shapes:
+        problems.append(f"wrong shape {_few(shapes)}")
+    if problems:
+        raise CheckpointError(f"{where} does not fit its config: " + "; ".join(problems))
+
+
+def _few(items: list[str], n: int = 5) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more

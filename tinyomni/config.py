@@ -1,0 +1,241 @@
+"""Configuration dataclasses for every part of an omni model, with a validated JSON round trip.
+
+One dataclass per part; the model modules take these, never loose keyword arguments. `OmniConfig`
+is what a checkpoint's `config.json` holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tinyomni.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass
+class VisionConfig:
+    """A ViT: enough switches for SigLIP-, CLIP- and InternViT-shaped weights."""
+
+    image_size: int = 448  # the tile side the position embeddings were trained for
+    patch_size: int = 14
+    num_channels: int = 3
+    hidden_size: int = 384
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 6
+    hidden_act: str = "gelu_pytorch_tanh"  # "gelu" (exact erf) for CLIP / InternViT
+    layer_norm_eps: float = 1e-6
+    norm_type: str = "layer_norm"  # or "rms_norm" (InternViT-6B)
+    qkv_bias: bool = True
+    use_cls_token: bool = False  # CLIP and InternViT prepend one; SigLIP does not
+    pre_layernorm: bool = False  # CLIP normalises embeddings before the blocks
+    post_layernorm: bool = True  # SigLIP/CLIP final norm; InternViT has none
+    layer_scale_init: float | None = None  # InternViT: learnable per-channel residual scale
+    qk_norm: bool = False  # InternViT-6B normalises queries and keys
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    def validate(self) -> None:
+        _require(self.image_size % self.patch_size == 0, "vision.image_size must be a multiple of patch_size")
+        _require(self.hidden_size % self.num_attention_heads == 0,
+                 "vision.hidden_size must be divisible by num_attention_heads")
+        _require(self.norm_type in ("layer_norm", "rms_norm"), "vision.norm_type must be layer_norm or rms_norm")
+        _require(self.hidden_act in ACTIVATIONS, f"vision.hidden_act must be one of {sorted(ACTIVATIONS)}")
+
+
+@dataclass
+class AudioConfig:
+    """A Whisper-style encoder over log-mel frames (16 kHz, hop 10 ms)."""
+
+    num_mel_bins: int = 80
+    d_model: int = 384
+    encoder_layers: int = 4
+    encoder_attention_heads: int = 6
+    encoder_ffn_dim: int = 1536
+    max_source_positions: int = 1500  # after the stride-2 conv: 1500 positions = 30 s
+    activation_function: str = "gelu"
+    layer_norm_eps: float = 1e-5
+    pool_stride: int = 2  # average-pool the encoder output: 2 → 25 tokens per second
+
+    def validate(self) -> None:
+        _require(self.d_model % self.encoder_attention_heads == 0,
+                 "audio.d_model must be divisible by encoder_attention_heads")
+        _require(self.pool_stride >= 1, "audio.pool_stride must be >= 1")
+        _require(self.activation_function in ACTIVATIONS,
+                 f"audio.activation_function must be one of {sorted(ACTIVATIONS)}")
+
+
+@dataclass
+class ProjectorConfig:
+    """LayerNorm → Linear → GELU → Linear from an encoder's (shuffled) features to the decoder width."""
+
+    downsample_ratio: float = 0.5  # pixel shuffle; 0.5 keeps a quarter of the tokens (vision only)
+    hidden_size: int | None = None  # None: the decoder's hidden size
+
+    def validate(self) -> None:
+        _require(0 < self.downsample_ratio <= 1, "projector.downsample_ratio must be in (0, 1]")
+        _require(round(1 / self.downsample_ratio) == 1 / self.downsample_ratio,
+                 "projector.downsample_ratio must be 1/k for an integer k")
+
+
+@dataclass
+class DecoderConfig:
+    """A Llama-family decoder (Llama, SmolLM2, Qwen2). Field names follow transformers' configs."""
+
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 8192
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 100000.0
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "linear"|"llama3", "factor": ...}
+    attention_bias: bool = False  # Qwen2 has q/k/v bias
+    tie_word_embeddings: bool = True
+    hidden_act: str = "silu"
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        _require(self.num_attention_heads % self.num_key_value_heads == 0,
+                 "decoder.num_attention_heads must be a multiple of num_key_value_heads")
+        _require(self.head_dim is not None or self.hidden_size % self.num_attention_heads == 0,
+                 "decoder.hidden_size must be divisible by num_attention_heads (or set head_dim)")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            _require(kind in ("linear", "llama3", "default"),
+                     f"decoder.rope_scaling type {kind!r} is not supported (linear, llama3)")
+
+
+@dataclass
+class OmniConfig:
+    """The whole model: decoder plus optional vision and audio towers, and the media token layout."""
+
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    vision: VisionConfig | None = field(default_factory=VisionConfig)
+    vision_projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    audio: AudioConfig | None = field(default_factory=AudioConfig)
+    audio_projector: ProjectorConfig = field(default_factory=lambda: ProjectorConfig(downsample_ratio=1.0))
+    # Media tokens. Their ids are found in the tokenizer at load time, never stored here.
+    image_start_token: str = "<img>"
+    image_end_token: str = "</img>"
+    image_context_token: str = "<IMG_CONTEXT>"
+    audio_start_token: str = "<audio>"
+    audio_end_token: str = "</audio>"
+    audio_context_token: str = "<AUDIO_CONTEXT>"
+    # Dynamic resolution (InternVL): tiles per image, and whether to add a thumbnail tile.
+    min_tiles: int = 1
+    max_tiles: int = 6
+    use_thumbnail: bool = True
+    video_frames: int = 8
+    # Where the decoder weights come from when this checkpoint does not store them (e.g. "smollm2").
+    base_decoder: str | None = None
+    model_type: str = "tinyomni"
+
+    @property
+    def image_tokens_per_tile(self) -> int:
+        if self.vision is None:
+            return 0
+        r = self.vision_projector.downsample_ratio
+        return int(self.vision.num_patches * r * r)
+
+    def validate(self) -> None:
+        self.decoder.validate()
+        if self.vision is not None:
+            self.vision.validate()
+            self.vision_projector.validate()
+            side = self.vision.grid_size * self.vision_projector.downsample_ratio
+            _require(side == int(side), "vision grid size times projector.downsample_ratio must be an integer")
+        if self.audio is not None:
+            self.audio.validate()
+        _require(1 <= self.min_tiles <= self.max_tiles, "min_tiles must be >= 1 and <= max_tiles")
+
+    # --- JSON round trip -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OmniConfig:
+        data = dict(data)
+        parts = {
+            "decoder": DecoderConfig, "vision": VisionConfig, "audio": AudioConfig,
+            "vision_projector": ProjectorConfig, "audio_projector": ProjectorConfig,
+        }
+        kwargs: dict[str, Any] = {}
+        for name, part_cls in parts.items():
+            if name in data:
+                value = data.pop(name)
+                kwargs[name] = None if value is None else _build(part_cls, value, name)
+        kwargs.update(_known_fields(cls, data, "config"))
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> OmniConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a JSON object")
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+
+ACTIVATIONS = {"gelu", "gelu_pytorch_tanh", "gelu_new", "quick_gelu", "silu", "relu"}
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _known_fields(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown {where} field(s): {', '.join(unknown)}")
+    return data
+
+
+def _build(cls: type[T], value: Any, where: str) -> T:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a JSON object, got {type(value).__name__}")
+    kwargs = dict(_known_fields(cls, value, where))
+    for f in dataclasses.fields(cls):  # JSON has lists where the dataclass has tuples
+        if f.name in kwargs and isinstance(kwargs[f.name], list) and "tuple" in str(f.type):
+            kwargs[f.name] = tuple(kwargs[f.name])
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None

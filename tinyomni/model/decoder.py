@@ -1,0 +1,269 @@
+"""The Llama-family decoder (Llama, SmolLM2, Qwen2): RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Parameter names are those of transformers' `LlamaForCausalLM` (`model.layers.N.self_attn.q_proj`, ...),
+so a Hugging Face state dict loads with no renaming. The decoder takes token ids or embeddings (how
+images and audio enter), and writes keys/values into a preallocated `KVCache` during generation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tinyomni.config import DecoderConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 as transformers does, so bf16 runs match fp32 closely.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inverse_frequencies(config: DecoderConfig) -> Tensor:
+    """RoPE frequencies, with the "linear" or "llama3" context-extension scaling applied."""
+    dim = config.attn_head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    return inv_freq.float()
+
+
+class RotaryEmbedding(nn.Module):
+    """Cos/sin tables for every position, computed once; a forward is a gather."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        inv_freq = rope_inverse_frequencies(config)
+        positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        # [B, T] -> [B, 1, T, head_dim], broadcast over heads
+        return self.cos[position_ids].unsqueeze(1).to(dtype), self.sin[position_ids].unsqueeze(1).to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for one layer: [batch, kv_heads, max_len, head_dim].
+
+    Writes happen in place at given slot positions; no tensor ever grows. In the common case every
+    row writes the same slots (prompts are left-padded) and an update is one `index_copy_`; a server
+    that batches requests of different ages gives each row its own slots instead.
+    """
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, cache: CacheState, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if cache.rows is None and cache.positions.dim() == 1:
+            self.k.index_copy_(2, cache.positions, k)
+            self.v.index_copy_(2, cache.positions, v)
+            return self.k[:, :, :cache.kv_len], self.v[:, :, :cache.kv_len]
+        B, _, T, _ = k.shape
+        rows = cache.rows if cache.rows is not None else torch.arange(B, device=k.device)
+        slots = cache.positions.expand(B, T) if cache.positions.dim() == 1 else cache.positions
+        # Advanced indices on dims 0 and 2 put [B, T] first: values go in as [B, T, heads, dim].
+        self.k[rows[:, None], :, slots] = k.transpose(1, 2)
+        self.v[rows[:, None], :, slots] = v.transpose(1, 2)
+        return self.k[rows, :, :cache.kv_len], self.v[rows, :, :cache.kv_len]
+
+
+@dataclass
+class CacheState:
+    """Where this forward writes in the caches, and how many slots attention reads."""
+
+    positions: Tensor  # slot indices: [T] shared by every row, or [B, T] per row
+    kv_len: int  # slots 0..kv_len-1 are read (a Python int so slicing needs no device sync)
+    rows: Tensor | None = None  # which cache rows this batch is (None: rows 0..B-1 = all)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.attn_head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: CacheState | None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None and self.kv_cache is not None:
+            k, v = self.kv_cache.update(cache, k, v)
+        # No mask and a square score matrix means plain causal attention (the common prefill).
+        is_causal = mask is None and T > 1 and T == k.shape[2]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: CacheState | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    """The transformer body (transformers' `LlamaModel`): embeddings, layers, final norm."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class Decoder(nn.Module):
+    """A causal LM: `model` (the body) and `lm_head`, named as in transformers' LlamaForCausalLM."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # --- KV cache ----------------------------------------------------------------------------------
+    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate every layer's cache once for a batch and a maximum length."""
+        weight = self.model.embed_tokens.weight
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            attn.kv_cache = KVCache(batch, attn.num_kv_heads, max_len, attn.head_dim,
+                                    dtype or weight.dtype, weight.device)
+
+    def clear_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+
+    @property
+    def cache_size(self) -> tuple[int, int] | None:
+        """(batch, max_len) of the allocated cache, if any."""
+        cache = self.model.layers[0].self_attn.kv_cache
+        return None if cache is None else (cache.k.shape[0], cache.k.shape[2])
+
+    # --- forward -----------------------------------------------------------------------------------
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        cache: CacheState | None = None,
+        labels: Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Returns (logits, loss).
+
+        attention_mask: [B, T] (no cache) or [B, kv_len] (with cache), True/1 where a real token is;
+            None when no row is padded. position_ids: RoPE positions [B, T]; default 0..T-1 (or the
+            cache slots). logits_to_keep: compute logits only for the last N positions (0 = all), so
+            a long prefill does not build a [T, vocab] matrix it throws away.
+        """
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        if position_ids is None:
+            base = cache.positions if cache is not None else torch.arange(T, device=x.device)
+            # Per-row slots ([B, T]) are already per-row positions.
+            position_ids = base if base.dim() == 2 else base.unsqueeze(0).expand(B, T)
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        mask = None
+        if attention_mask is not None:
+            mask = build_attention_mask(attention_mask.bool(), T, cache)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache)
+        x = self.model.norm(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return logits, loss
+
+
+def build_attention_mask(key_valid: Tensor, q_len: int, cache: CacheState | None) -> Tensor:
+    """Boolean [B, 1, q_len, k_len] mask: causal over slots, and never a padded key.
+
+    A fully padded query row (left padding) would have no key at all and make SDPA return NaN,
+    so each query may always see itself.
+    """
+    B, k_len = key_valid.shape
+    device = key_valid.device
+    q_slots = torch.arange(q_len, device=device) if cache is None else cache.positions
+    q_slots = q_slots.expand(B, q_len)  # [B, q]
+    k_slots = torch.arange(k_len, device=device)
+    own = k_slots[None, None, :] == q_slots[:, :, None]  # [B, q, k]
+    mask = (k_slots[None, None, :] <= q_slots[:, :, None]) & key_valid[:, None, :]
+    return (mask | own)[:, None]

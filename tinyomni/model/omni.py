@@ -1,0 +1,121 @@
+"""The composed omni model: vision and audio towers, their projectors, and the decoder.
+
+Every modality enters the decoder the same way: text is embedded, each media item is encoded once,
+projected to the decoder width, and written into the positions of its placeholder tokens
+(`<IMG_CONTEXT>` / `<AUDIO_CONTEXT>`). Names follow LLaVA/InternVL in transformers
+(`vision_tower`, `multi_modal_projector`, `language_model`) so weights travel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from tinyomni.config import OmniConfig
+from tinyomni.errors import InputError
+from tinyomni.model.audio import AudioEncoder
+from tinyomni.model.decoder import CacheState, Decoder
+from tinyomni.model.projector import MultiModalProjector, pixel_shuffle
+from tinyomni.model.vision import VisionEncoder
+
+
+class OmniModel(nn.Module):
+    def __init__(self, config: OmniConfig) -> None:
+        super().__init__()
+        self.config = config
+        dec = config.decoder
+        self.language_model = Decoder(dec)
+        self.vision_tower: VisionEncoder | None = None
+        self.multi_modal_projector: MultiModalProjector | None = None
+        self.audio_tower: AudioEncoder | None = None
+        self.audio_projector: MultiModalProjector | None = None
+        if config.vision is not None:
+            r = config.vision_projector.downsample_ratio
+            self.vision_tower = VisionEncoder(config.vision)
+            self.multi_modal_projector = MultiModalProjector(
+                int(config.vision.hidden_size / (r * r)), dec.hidden_size, config.vision_projector.hidden_size)
+        if config.audio is not None:
+            self.audio_tower = AudioEncoder(config.audio)
+            self.audio_projector = MultiModalProjector(
+                config.audio.d_model, dec.hidden_size, config.audio_projector.hidden_size)
+        # Set from the tokenizer when a model is loaded (see api.Model); -1 matches no token.
+        self.image_token_id = -1
+        self.audio_token_id = -1
+
+    # --- encoders ----------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """[tiles, 3, S, S] → [tiles, tokens_per_tile, decoder_hidden]."""
+        if self.vision_tower is None:
+            raise InputError("this model has no vision encoder")
+        weight = self.vision_tower.embeddings.patch_embedding.weight
+        features = self.vision_tower(pixel_values.to(weight.dtype))
+        if self.config.vision.use_cls_token:
+            features = features[:, 1:]
+        n, p, c = features.shape
+        side = int(p**0.5)
+        features = pixel_shuffle(features.reshape(n, side, side, c), self.config.vision_projector.downsample_ratio)
+        return self.multi_modal_projector(features.reshape(n, -1, features.shape[-1]))
+
+    def encode_audio(self, features: Tensor) -> Tensor:
+        """One clip's log-mel [n_mels, frames] → [tokens, decoder_hidden]."""
+        if self.audio_tower is None:
+            raise InputError("this model has no audio encoder")
+        weight = self.audio_tower.conv1.weight
+        return self.audio_projector(self.audio_tower(features[None].to(weight.dtype)))[0]
+
+    # --- embeddings --------------------------------------------------------------------------------
+    def embed(self, input_ids: Tensor, pixel_values: Tensor | None = None,
+              audio_features: list[Tensor] | None = None) -> Tensor:
+        """Token embeddings with every media item's embeddings written into its placeholders.
+
+        The placeholders of all rows are filled in order: images (all tiles of all rows, row-major),
+        then audio clips. A count mismatch is an error, never a silent truncation.
+        """
+        embeds = self.language_model.embed(input_ids)
+        embeds = self._scatter(embeds, input_ids, self.image_token_id, "image",
+                               self.encode_images(pixel_values) if pixel_values is not None else None)
+        audio = None
+        if audio_features:
+            audio = torch.cat([self.encode_audio(f) for f in audio_features])
+        return self._scatter(embeds, input_ids, self.audio_token_id, "audio", audio)
+
+    @staticmethod
+    def _scatter(embeds: Tensor, input_ids: Tensor, token_id: int, kind: str, media: Tensor | None) -> Tensor:
+        positions = input_ids == token_id
+        n_slots = int(positions.sum())
+        media = None if media is None else media.reshape(-1, embeds.shape[-1])
+        n_media = 0 if media is None else media.shape[0]
+        if n_slots != n_media:
+            raise InputError(f"the prompt has {n_slots} {kind} placeholder tokens but the {kind} inputs give "
+                             f"{n_media} embeddings; build prompts with ChatProcessor so the counts match")
+        if n_media == 0:
+            return embeds
+        embeds = embeds.clone()
+        embeds[positions] = media.to(embeds.dtype)
+        return embeds
+
+    # --- forward -----------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor,
+        pixel_values: Tensor | None = None,
+        audio_features: list[Tensor] | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        cache: CacheState | None = None,
+        logits_to_keep: int = 0,
+    ) -> tuple[Tensor, Tensor | None]:
+        """(logits, loss): the loss is next-token cross-entropy over labels != -100."""
+        embeds = self.embed(input_ids, pixel_values, audio_features)
+        return self.language_model(inputs_embeds=embeds, position_ids=position_ids,
+                                   attention_mask=attention_mask, cache=cache, labels=labels,
+                                   logits_to_keep=logits_to_keep)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per part (tied weights counted once)."""
+        parts = {"vision_tower": self.vision_tower, "multi_modal_projector": self.multi_modal_projector,
+                 "audio_tower": self.audio_tower, "audio_projector": self.audio_projector,
+                 "language_model": self.language_model}
+        return {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()
+                if module is not None}

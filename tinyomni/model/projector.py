@@ -1,0 +1,59 @@
+"""From encoder features to decoder embeddings: InternVL's pixel shuffle and the MLP projector.
+
+`pixel_shuffle` trades spatial resolution for channels (0.5: a quarter of the tokens, four times the
+width); `MultiModalProjector` then maps each token to the decoder's hidden size. Parameter names are
+transformers' `InternVLMultiModalProjector` names, so InternVL projector weights load as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinyomni.errors import InputError
+
+
+def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:
+    """[N, h, w, C] → [N, h·s, w·s, C/s²], identical to InternVL's `pixel_shuffle` (ps_version "v2").
+
+    Each output token concatenates the channels of a (1/s)×(1/s) block of neighbouring patches.
+    The view/permute sequence is kept exactly as InternVL's so the channel order (and therefore
+    the projector's first weight matrix) matches their checkpoints.
+    """
+    if x.dim() != 4:
+        raise InputError(f"pixel_shuffle expects [N, h, w, C] features, got shape {tuple(x.shape)}")
+    n, h, w, c = x.shape
+    k = round(1 / scale_factor)
+    if not (0 < scale_factor <= 1) or abs(k * scale_factor - 1) > 1e-9:
+        raise InputError(f"pixel_shuffle scale_factor must be 1/k for an integer k >= 1, got {scale_factor}")
+    if h % k or w % k:
+        raise InputError(
+            f"pixel_shuffle with scale_factor {scale_factor} needs a feature grid divisible by {k}, "
+            f"got {h}x{w} (h x w)"
+        )
+    # InternVL names the second axis "w" and the third "h"; the operations below are theirs verbatim.
+    x = x.reshape(n, h, w // k, c * k)
+    x = x.permute(0, 2, 1, 3).contiguous()
+    x = x.view(n, w // k, h // k, c * k * k)
+    return x.permute(0, 2, 1, 3).contiguous()
+
+
+class MultiModalProjector(nn.Module):
+    """LayerNorm(in) → Linear(in, hidden) → GELU → Linear(hidden, out); hidden defaults to out."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        hidden_features: int | None = None,
+        layer_norm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        hidden_features = hidden_features or out_features
+        self.layer_norm = nn.LayerNorm(in_features, eps=layer_norm_eps)
+        self.linear_1 = nn.Linear(in_features, hidden_features)
+        self.linear_2 = nn.Linear(hidden_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.gelu(self.linear_1(self.layer_norm(x))))

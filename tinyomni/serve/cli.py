@@ -1,0 +1,122 @@
+"""`tinyomni serve`: the OpenAI-compatible server and web chat page for one model.
+
+    tinyomni serve --model smollm2                      # http://127.0.0.1:8000/ (page), /v1 (API)
+    tinyomni serve --model ckpt/ --api-key secret --allow-dir ~/pictures --max-media-items 4
+
+`register(subparsers)` adds the sub-command to the main CLI; `python -m tinyomni.serve.cli` also works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tinyomni.serve.server import ServerOptions
+
+_DEFAULTS = ServerOptions()
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `serve` to a CLI's sub-commands; its `func(args)` returns the exit code."""
+    p = subparsers.add_parser("serve", help="OpenAI-compatible server and web chat page",
+                              description="Serve one model over an OpenAI-compatible HTTP API (/v1/chat/"
+                                          "completions, /v1/models, /health) with a chat page at /.")
+    p.add_argument("--model", default=None, help="checkpoint directory, 'smollm2', a .gguf file, a HF "
+                   "directory or a hub id (default: the default model)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients pass (default: from --model)")
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("TINYOMNI_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $TINYOMNI_API_KEY, else none)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="HOST",
+                   help="a host image URLs may be fetched from (repeatable; '*.example.org' for subdomains)")
+    p.add_argument("--allow-dir", action="append", default=[], metavar="DIR", type=Path,
+                   help="a directory whose files image_url may name by path (repeatable)")
+    limits = p.add_argument_group("limits (each violation answers a 4xx naming the limit)")
+    limits.add_argument("--max-body-mb", type=float, default=_DEFAULTS.max_body_bytes / 2**20,
+                        help="largest request body, and largest fetched image (default: %(default)g)")
+    limits.add_argument("--max-image-pixels", type=int, default=_DEFAULTS.max_image_pixels,
+                        help="largest image, width × height (default: %(default)d)")
+    limits.add_argument("--max-tiles", type=int, default=None,
+                        help="tiles per image (default: the model's own maximum)")
+    limits.add_argument("--max-media-items", type=int, default=_DEFAULTS.max_media_items,
+                        help="images + audio clips per request (default: %(default)d)")
+    limits.add_argument("--max-audio-seconds", type=float, default=_DEFAULTS.max_audio_seconds,
+                        help="longest audio clip (default: %(default)g)")
+    limits.add_argument("--max-tokens", type=int, default=_DEFAULTS.max_tokens,
+                        help="largest max_tokens a request may ask for, and the default "
+                             "(default: %(default)d)")
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--max-batch", type=int, default=_DEFAULTS.max_batch,
+                        help="requests decoded together (default: %(default)d)")
+    engine.add_argument("--max-queue", type=int, default=_DEFAULTS.max_queue,
+                        help="requests waiting for a slot before the server answers 503 "
+                             "(default: %(default)d)")
+    engine.add_argument("--max-context", type=int, default=_DEFAULTS.max_context,
+                        help="KV-cache tokens per request, prompt + answer (default: %(default)d, capped "
+                             "at the model's context)")
+    engine.add_argument("--temperature", type=float, default=_DEFAULTS.temperature,
+                        help="temperature for requests that give none (default: %(default)g, as OpenAI)")
+    engine.add_argument("--top-p", type=float, default=_DEFAULTS.top_p,
+                        help="top_p for requests that give none (default: %(default)g)")
+    engine.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=handler)
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> ServerOptions:
+    return ServerOptions(
+        model_name=args.served_model_name, api_key=args.api_key or None, allow_hosts=list(args.allow_host),
+        allow_dirs=list(args.allow_dir), max_body_bytes=int(args.max_body_mb * 2**20),
+        max_image_pixels=args.max_image_pixels, max_tiles=args.max_tiles,
+        max_media_items=args.max_media_items, max_audio_seconds=args.max_audio_seconds,
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context)
+
+
+def handler(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from tinyomni.api import load
+    from tinyomni.errors import TinyOmniError
+    from tinyomni.serve.server import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    for d in args.allow_dir:
+        if not d.expanduser().is_dir():
+            print(f"error: --allow-dir {d} is not a directory", file=sys.stderr)
+            return 2
+    try:
+        model = load(args.model, dtype=args.dtype)
+    except TinyOmniError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    options = options_from_args(args)
+    app = create_app(model, options)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not options.api_key:
+        print(f"warning: listening on {args.host} with no --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    print(f"tinyomni: serving {model.name} at http://{args.host}:{args.port}/ "
+          f"(API at /v1, batch {options.max_batch})", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    except OSError as e:  # e.g. the port is taken
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tinyomni")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""Continuous batching: many requests share one model, one decode step at a time.
+
+One background thread owns the model and its KV cache (`[max_batch, kv_heads, max_context, head_dim]`
+per layer); each cache row holds one request. Every loop iteration
+
+  1. frees the rows of cancelled requests (a client that went away),
+  2. admits waiting requests into free rows: one prefill each, with its images and audio,
+  3. runs ONE decode step for all active rows together: each row feeds its last token at its own
+     cache slot (per-row positions) and attends only to its own filled slots (a key mask),
+  4. samples each row with its own parameters and seed, and pushes its text delta to its consumer;
+     a row that hits end-of-turn, a stop string or its token budget is freed at once.
+
+A request joins or leaves between two steps without waiting for the others. On a CPU a decode step
+costs about the time to read every weight once, whatever the batch, so eight clients decoding
+together get far more tokens per second than eight served one after another.
+
+    engine = Engine(tinyomni.load("smollm2"), max_batch=8).start()
+    request = engine.submit(model.prepare("Hi!"), SamplingParams(max_new_tokens=32))
+    print("".join(request))            # or, in asyncio: submit(..., loop=loop) and `request.deltas()`
+    engine.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tinyomni.api import Model
+from tinyomni.errors import ContextLengthError, TinyOmniError
+from tinyomni.generate import Completion, SamplingParams, TextStream, sample
+from tinyomni.model.decoder import CacheState
+from tinyomni.processing.chat import Prompt
+
+log = logging.getLogger("tinyomni.serve")
+_request_ids = itertools.count()
+
+
+class QueueFullError(TinyOmniError):
+    """Every cache row is busy and the waiting queue is full: the caller should retry later."""
+
+
+class EngineClosedError(TinyOmniError):
+    """The engine was shut down before (or while) this request ran."""
+
+
+class RequestCancelled(TinyOmniError):
+    """The request was cancelled (its client disconnected) before it finished."""
+
+
+class Request:
+    """One generation inside the engine.
+
+    The engine thread reports events: ("start", None) once the prompt is prefilled, ("delta", text)
+    as text arrives, then ("done", Completion) or an error. Read them with `for delta in request`
+    (threads) or `await request.next_event()` / `async for delta in request.deltas()` (asyncio; pass
+    the loop to `Engine.submit`). `cancel()` makes the engine free the request's row at its next step.
+    """
+
+    def __init__(self, prompt: Prompt, params: SamplingParams, max_new_tokens: int,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.id = next(_request_ids)
+        self.prompt = prompt
+        self.params = params
+        self.max_new_tokens = max_new_tokens
+        self.completion: Completion | None = None
+        self.cancelled = False
+        self._loop = loop
+        self._events: asyncio.Queue | queue.SimpleQueue = asyncio.Queue() if loop else queue.SimpleQueue()
+        # Decoding state, touched only by the engine thread.
+        self.row = -1
+        self.length = 0  # cache slots filled (prompt + fed tokens)
+        self.next_token = -1  # sampled, not yet fed to the model
+        self.stream: TextStream | None = None
+        self.generator: torch.Generator | None = None
+        self.history: Tensor | None = None  # prompt + answer ids, for the repetition penalty
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    # --- consumer side -----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[str]:
+        """Text deltas until the answer is complete (thread consumers; blocks)."""
+        assert isinstance(self._events, queue.SimpleQueue), "submitted with a loop: use `deltas()`"
+        while True:
+            kind, value = self._check(self._events.get())
+            if kind == "delta":
+                yield value
+            elif kind == "done":
+                return
+
+    async def next_event(self) -> tuple[str, Any]:
+        """The next ("start" | "delta" | "done", value) event; raises the request's error."""
+        assert isinstance(self._events, asyncio.Queue), "submitted without a loop: iterate instead"
+        return self._check(await self._events.get())
+
+    async def deltas(self) -> AsyncIterator[str]:
+        """Text deltas until the answer is complete; afterwards `completion` holds the totals."""
+        while True:
+            kind, value = await self.next_event()
+            if kind == "delta":
+                yield value
+            elif kind == "done":
+                return
+
+    def _check(self, event: tuple[str, Any]) -> tuple[str, Any]:
+        kind, value = event
+        if kind == "error":
+            raise value
+        if kind == "done":
+            self.completion = value
+        return event
+
+    # --- engine side -------------------------------------------------------------------------------
+    def _emit(self, kind: str, value: Any = None) -> None:
+        if self._loop is None:
+            self._events.put((kind, value))
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancelled = True
+
+
+class Engine:
+    """Owns the model in one background thread and serves every request through one batch."""
+
+    def __init__(self, model: Model, max_batch: int = 8, max_context: int | None = None,
+                 max_queue: int = 64) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        context = model.config.decoder.max_position_embeddings
+        self.model = model
+        self.max_batch = max_batch
+        self.max_context = min(max_context or context, context)
+        self.max_queue = max_queue
+        self._decoder = model.model.language_model
+        self._device = self._decoder.model.embed_tokens.weight.device
+        self._eos = set(model.tokenizer.eos_token_ids)
+        self._suppress = list(model.suppress_ids)
+        # queue.Queue(0) would be unbounded; a zero-length queue means "admit only into free rows".
+        self._waiting: queue.Queue[Request] = queue.Queue(max(max_queue, 1))
+        self._rows: list[Request | None] = [None] * max_batch
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # decode steps run, for stats and tests
+        self.tokens = 0  # tokens generated
+
+    # --- public ------------------------------------------------------------------------------------
+    def start(self) -> Engine:
+        # The engine owns the decoder's cache from here on; nothing else may run the model meanwhile.
+        self._decoder.setup_cache(self.max_batch, self.max_context)
+        self._thread = threading.Thread(target=self._run, name="tinyomni-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the loop, fail whatever was still running or waiting, release the cache."""
+        self._closed.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for row, request in enumerate(self._rows):
+            if request is not None:
+                request._emit("error", EngineClosedError("the server is shutting down"))
+                self._rows[row] = None
+        self._fail_waiting()
+        self._decoder.clear_cache()
+
+    def submit(self, prompt: Prompt, params: SamplingParams,
+               loop: asyncio.AbstractEventLoop | None = None) -> Request:
+        """Queue a prepared prompt. Raises InputError (bad parameters), ContextLengthError, or
+        QueueFullError when `max_queue` requests are already waiting."""
+        params.validate()
+        if self._closed.is_set() or self._thread is None:
+            raise EngineClosedError("the engine is not running")
+        n = len(prompt.input_ids)
+        if n >= self.max_context:
+            raise ContextLengthError(
+                f"the prompt is {n} tokens (media placeholders included) but this server's context is "
+                f"{self.max_context} tokens; shorten the text, use fewer images/tiles or shorter audio")
+        request = Request(prompt, params, min(params.max_new_tokens, self.max_context - n), loop)
+        if self.max_queue == 0 and None not in self._rows:
+            raise QueueFullError("all rows are busy and this server keeps no waiting queue")
+        try:
+            self._waiting.put_nowait(request)
+        except queue.Full:
+            raise QueueFullError(f"the server is busy: {self.max_batch} requests are running and "
+                                 f"{self.max_queue} are waiting; retry shortly") from None
+        return request
+
+    def stats(self) -> dict[str, int]:
+        return {"active": sum(r is not None for r in self._rows), "waiting": self._waiting.qsize(),
+                "max_batch": self.max_batch, "max_queue": self.max_queue, "max_context": self.max_context,
+                "steps": self.steps, "tokens": self.tokens}
+
+    # --- the loop ----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self._closed.is_set():
+                self._free_cancelled()
+                self._admit()
+                if any(self._rows):
+                    self._step()
+
+    def _free_cancelled(self) -> None:
+        for request in self._rows:
+            if request is not None and request.cancelled:
+                self._free(request)
+                request._emit("error", RequestCancelled("cancelled"))
+
+    def _admit(self) -> None:
+        """Move waiting requests into free rows; when idle, wait a little for one to arrive."""
+        idle = not any(self._rows)
+        while None in self._rows:
+            try:
+                # Blocking with a timeout (not forever) lets close() stop an idle loop promptly.
+                request = self._waiting.get(timeout=0.1) if idle else self._waiting.get_nowait()
+            except queue.Empty:
+                return
+            idle = False
+            if request.cancelled:
+                request._emit("error", RequestCancelled("cancelled"))
+                continue
+            self._prefill(request, self._rows.index(None))
+
+    def _prefill(self, request: Request, row: int) -> None:
+        """Write the prompt (with its media) into cache row `row` and sample the first token."""
+        prompt, device = request.prompt, self._device
+        ids = torch.tensor([prompt.input_ids], device=device)
+        slots = torch.arange(ids.shape[1], device=device)
+        pixels = prompt.pixel_values.to(device) if prompt.pixel_values is not None else None
+        try:
+            logits, _ = self.model.model(
+                ids, pixel_values=pixels, audio_features=[a.to(device) for a in prompt.audio_features],
+                position_ids=slots[None], logits_to_keep=1,
+                cache=CacheState(slots, len(slots), rows=torch.tensor([row], device=device)))
+        except Exception as e:  # a bad media tensor must fail its own request, not the server
+            log.exception("prefill failed")
+            request._emit("error", e)
+            return
+        params = request.params
+        request.row, request.length = row, len(slots)
+        request.stream = TextStream(self.model.tokenizer, params.stop)
+        if params.seed is not None:
+            request.generator = torch.Generator(device=device).manual_seed(params.seed)
+        if params.repetition_penalty != 1.0:
+            request.history = ids
+        self._rows[row] = request
+        request._emit("start")
+        self._accept(request, self._sample([request], logits[:, -1])[0])
+
+    def _step(self) -> None:
+        """One decode step for every active row, each at its own slot."""
+        active = [r for r in self._rows if r is not None]
+        device = self._device
+        tokens = torch.tensor([[r.next_token] for r in active], device=device)
+        slots = torch.tensor([[r.length] for r in active], device=device)  # [B, 1]: where each row writes
+        kv_len = max(r.length for r in active) + 1
+        # Row b reads its own slots 0..length_b (the new token included), never another row's leftovers.
+        key_valid = torch.arange(kv_len, device=device)[None, :] <= slots
+        rows = torch.tensor([r.row for r in active], device=device)
+        try:
+            if self._decoder.cache_size != (self.max_batch, self.max_context):
+                raise RuntimeError("the model's KV cache was replaced: while an engine serves a model, "
+                                   "nothing else may generate with it (use a second Model instance)")
+            logits, _ = self._decoder(input_ids=tokens, position_ids=slots, attention_mask=key_valid,
+                                      cache=CacheState(slots, kv_len, rows=rows))
+        except Exception as e:
+            log.exception("decode step failed")
+            for request in active:
+                self._free(request)
+                request._emit("error", e)
+            return
+        self.steps += 1
+        for request in active:
+            request.length += 1
+        for request, token in zip(active, self._sample(active, logits[:, -1])):
+            self._accept(request, token)
+
+    def _sample(self, requests: list[Request], logits: Tensor) -> list[int]:
+        """One token per row, each with its own request's parameters and random generator."""
+        if self._suppress:
+            logits[:, self._suppress] = float("-inf")  # media tokens are inputs only
+        greedy = logits.argmax(-1).tolist()  # the common case, batched
+        tokens = []
+        for i, request in enumerate(requests):
+            params = request.params
+            if params.temperature == 0 and params.repetition_penalty == 1.0:
+                tokens.append(greedy[i])
+            else:
+                tokens.append(int(sample(logits[i:i + 1], params, request.generator, request.history)))
+        return tokens
+
+    def _accept(self, request: Request, token: int) -> None:
+        """Emit a sampled token's text; finish the request or keep the token to feed next step."""
+        self.tokens += 1
+        if token in self._eos:
+            return self._finish(request, "stop")
+        stream = request.stream
+        delta = stream.add(token)
+        if delta:
+            request._emit("delta", delta)
+        if stream.stopped:
+            return self._finish(request, "stop")
+        if len(stream.ids) >= request.max_new_tokens:
+            return self._finish(request, "length")
+        request.next_token = token
+        if request.history is not None:
+            request.history = torch.cat([request.history, request.history.new_tensor([[token]])], dim=1)
+
+    def _finish(self, request: Request, reason: str) -> None:
+        stream = request.stream
+        tail = stream.finish()
+        if tail:
+            request._emit("delta", tail)
+        self._free(request)
+        request._emit("done", Completion(text=stream.text, prompt_tokens=len(request.prompt.input_ids),
+                                         completion_tokens=len(stream.ids), finish_reason=reason,
+                                         token_ids=list(stream.ids)))
+
+    def _free(self, request: Request) -> None:
+        if 0 <= request.row < self.max_batch and self._rows[request.row] is request:
+            self._rows[request.row] = None  # the row's stale slots are never read: masks stop at length
+
+    def _fail_waiting(self) -> None:
+        while True:
+            try:
+                request = self._waiting.get_nowait()
+            except queue.Empty:
+                return
+            request._emit("error", EngineClosedError("the server is shutting down"))
