@@ -1,9 +1,9 @@
 """Serving throughput: N concurrent streaming clients vs the same N requests one at a time.
 
-Starts `tinyomni serve` in-process on a free loopback port, then sends N chat requests (each asking
-for `--tokens` tokens, greedy) with the official `openai` client, first one after another, then all
-at once, and prints total tokens/s for both and their ratio. With continuous batching the concurrent
-run reads the weights once per step for all clients, so the ratio should be well above 1.
+Starts the server (as `tinyomni serve` would) in a child process on a free loopback port, then
+sends N chat requests (each asking for `--tokens` tokens, greedy) with the official `openai` client,
+first one after another, then all at once, and prints total tokens/s for both and their ratio. With
+continuous batching one decode step serves every client, so the ratio should be well above 1.
 
     python benchmarks/bench_serve.py                      # SmolLM2-135M-Instruct, 8 clients, 32 tokens
     python benchmarks/bench_serve.py --model tiny --clients 4 --tokens 64
@@ -15,9 +15,11 @@ import argparse
 import concurrent.futures
 import socket
 import statistics
-import threading
+import subprocess
+import sys
 import time
 
+import httpx
 import openai
 import torch
 import uvicorn
@@ -65,48 +67,68 @@ def run(client: openai.OpenAI, model: str, clients: int, tokens: int, at_once: b
             "ttft": statistics.mean(r[1] for r in results), "latency": statistics.mean(r[2] for r in results)}
 
 
+def serve(args: argparse.Namespace) -> None:
+    """The server process: load the model, serve it until terminated."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model = tiny_random_model() if args.model == "tiny" else load(args.model)
+    print(f"model {model.name}: loaded in {time.perf_counter() - t0:.1f} s; "
+          f"torch threads {torch.get_num_threads()}", flush=True)
+    options = ServerOptions(model_name="bench", max_batch=args.clients, max_queue=args.clients,
+                            max_context=1024, max_tokens=max(args.tokens, 1))
+    uvicorn.run(create_app(model, options), host="127.0.0.1", port=args.serve_port, log_level="warning")
+
+
+def steps(base: str) -> int:
+    return httpx.get(base + "/health").json()["steps"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2", help="a model for tinyomni.load, or 'tiny' (random)")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=32, help="max_tokens per request")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in the server")
+    parser.add_argument("--serve-port", type=int, default=None, help=argparse.SUPPRESS)  # the child's role
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.serve_port:
+        return serve(args)
 
-    t0 = time.perf_counter()
-    model = tiny_random_model() if args.model == "tiny" else load(args.model)
-    print(f"model {model.name}: loaded in {time.perf_counter() - t0:.1f} s; "
-          f"torch threads {torch.get_num_threads()}")
-    options = ServerOptions(model_name="bench", max_batch=args.clients, max_queue=args.clients,
-                            max_context=1024, max_tokens=max(args.tokens, 1))
+    # The server runs in its own process, as it would in use, so clients do not share its GIL.
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(model, options), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise SystemExit("the server did not start")
-        time.sleep(0.05)
+    base = f"http://127.0.0.1:{port}"
+    child = subprocess.Popen([sys.executable, __file__, "--model", args.model, "--clients", str(args.clients),
+                              "--tokens", str(args.tokens), "--serve-port", str(port)]
+                             + (["--threads", str(args.threads)] if args.threads else []))
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
-                               timeout=600)
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                httpx.get(base + "/health", timeout=1)
+                break
+            except httpx.TransportError:
+                if child.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("the server did not start") from None
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=600)
         one_request(client, "bench", 0, 4)  # warm-up: first-call allocations, tokenizer caches
+        s0 = steps(base)
         sequential = run(client, "bench", args.clients, args.tokens, at_once=False)
+        s1 = steps(base)
         together = run(client, "bench", args.clients, args.tokens, at_once=True)
+        sequential["steps"], together["steps"] = s1 - s0, steps(base) - s1
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        child.terminate()
+        child.wait(timeout=30)
 
     print(f"\n{args.clients} requests x {args.tokens} tokens "
-          "(greedy, streaming, openai client over loopback)\n")
-    print(f"{'mode':<24}{'tokens':>8}{'seconds':>10}{'tok/s':>10}{'mean TTFT s':>13}{'mean latency s':>16}")
+          "(greedy, streaming, openai client over loopback, server in its own process)\n")
+    print(f"{'mode':<18}{'tokens':>8}{'steps':>7}{'seconds':>9}{'tok/s':>8}{'mean TTFT s':>13}"
+          f"{'mean latency s':>16}")
     for name, r in [("one at a time", sequential), (f"{args.clients} concurrent", together)]:
-        print(f"{name:<24}{r['tokens']:>8}{r['seconds']:>10.2f}{r['tok_s']:>10.1f}{r['ttft']:>13.3f}"
-              f"{r['latency']:>16.2f}")
+        print(f"{name:<18}{r['tokens']:>8}{r['steps']:>7}{r['seconds']:>9.2f}{r['tok_s']:>8.1f}"
+              f"{r['ttft']:>13.3f}{r['latency']:>16.2f}")
     print(f"\nthroughput ratio (concurrent / one at a time): {together['tok_s'] / sequential['tok_s']:.2f}x")
 
 

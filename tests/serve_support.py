@@ -86,6 +86,28 @@ def wav_bytes(seconds: float = 0.5, freq: float = 440.0, rate: int = 16000) -> b
     return buffer.getvalue()
 
 
+def encoded_audio(fmt: str, seconds: float = 0.6, rate: int = 16000) -> bytes:
+    """A tone as an mp3 / webm (opus) / flac / wav file, encoded with PyAV or soundfile."""
+    t = np.arange(int(seconds * rate)) / rate
+    samples = (0.3 * np.sin(2 * math.pi * 330 * t)).astype(np.float32)
+    if fmt in ("wav", "flac"):
+        buffer = io.BytesIO()
+        sf.write(buffer, samples, rate, format=fmt.upper())
+        return buffer.getvalue()
+    import av
+
+    codec = {"mp3": "libmp3lame", "webm": "libopus"}[fmt]
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(samples[None], format="flt", layout="mono")
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    return buffer.getvalue()
+
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 

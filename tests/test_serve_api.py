@@ -20,6 +20,7 @@ import pytest
 from serve_support import (
     b64,
     data_url,
+    encoded_audio,
     png_bytes,
     running_server,
     torch_threads,
@@ -133,6 +134,10 @@ CASES = {
     "audio": user(audio(wav_bytes(0.8)), text("What did you hear?")),
     "two_images": user(image(png_bytes((10, 200, 30), (80, 40))), image(png_bytes((10, 30, 200), (40, 80))),
                        text("Which is wider?")),
+    "image_and_audio": user(image(png_bytes((90, 90, 90))), audio(wav_bytes(0.4)), text("Describe both.")),
+    "mp3": user(audio(encoded_audio("mp3"), "mp3"), text("Transcribe.")),
+    "flac": user(audio(encoded_audio("flac"), "flac"), text("Transcribe.")),
+    "webm": user(audio(encoded_audio("webm"), "webm"), text("Transcribe.")),
     "multi_turn": [{"role": "system", "content": "Be brief."},
                    *user(image(png_bytes((200, 200, 30))), text("Describe it.")),
                    {"role": "assistant", "content": "A yellow square."},
@@ -263,6 +268,41 @@ def test_client_disconnect_frees_its_slot(server):
         assert time.monotonic() < deadline, "the abandoned request still holds its row"
         time.sleep(0.02)
     assert health["tokens"] - tokens_before < 1500  # stopped long before its 2000 tokens
+
+
+def test_full_queue_answers_503_and_the_server_recovers(reference):
+    options = ServerOptions(model_name=MODEL, max_batch=1, max_queue=1, max_tokens=2000)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1500, "stream": True}
+    hang_up = threading.Event()
+
+    def client(url):
+        with httpx.Client(timeout=30) as http, http.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                return r.status_code, json.loads(r.read()), r.headers.get("retry-after")
+            hang_up.wait(30)  # hold the row (or the queue place) until told to hang up
+            return r.status_code, None, None
+
+    with torch_threads(1), running_server(varied_tiny_model(), options) as url:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(client, url) for _ in range(4)]
+            # One row and one queue place: of four at once, at least two are turned away at once.
+            deadline = time.monotonic() + 20
+            while sum(f.done() for f in futures) < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            hang_up.set()
+            results = [f.result(timeout=30) for f in futures]
+        statuses = sorted(status for status, _, _ in results)
+        assert statuses.count(503) >= 2 and statuses[0] == 200, statuses
+        for status, error, retry_after in results:
+            if status == 503:
+                assert error["error"]["code"] == "server_busy" and retry_after == "1"
+        deadline = time.monotonic() + 10
+        while httpx.get(url + "/health").json()["active"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        r = httpx.post(url + "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 5, "temperature": 0})
+        assert r.json()["choices"][0]["message"]["content"] == reference.complete("hi", max_new_tokens=5).text
 
 
 # --- bad input -----------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from tinyomni.checkpoints import native
 from tinyomni.config import AudioConfig, DecoderConfig, OmniConfig, VisionConfig
 from tinyomni.errors import CheckpointError, InputError
 from tinyomni.generate import Completion, Generation, SamplingParams
+from tinyomni.model import lora
 from tinyomni.model.omni import OmniModel
 from tinyomni.processing.chat import ChatProcessor, Prompt
 from tinyomni.processing.tokenizer import Tokenizer
@@ -134,6 +135,9 @@ class Model:
         state = self.model.state_dict()
         if config.decoder.tie_word_embeddings:  # one tensor under two names; the head is rebuilt on load
             state.pop("language_model.lm_head.weight")
+        # LoRA layers (see model/lora.py) are kept apart as an adapter, so a base decoder stays a reference.
+        adapter = lora.adapter_config(self.model)
+        adapter_state = {k: state.pop(k) for k in list(state) if lora.is_lora_key(k)}
         if not store_decoder:
             if config.base_decoder is None:
                 raise InputError("store_decoder=False needs config.base_decoder to say where the decoder comes from")
@@ -145,6 +149,9 @@ class Model:
             native.save_weights(tmp, state)
             self.tokenizer.save(tmp)
             (tmp / native.TEMPLATE_FILE).write_text(self.chat_template)
+            if adapter is not None:
+                (tmp / lora.ADAPTER_CONFIG).write_text(json.dumps(adapter, indent=2) + "\n")
+                native.save_weights(tmp, adapter_state, lora.ADAPTER_WEIGHTS)
 
         return native.atomic_directory(path, write)
 
@@ -307,6 +314,12 @@ def _load_native(path: Path) -> Model:
         native.check_state(model, state, str(path),
                            allow_missing=lambda k: tied and k == "language_model.lm_head.weight")
     model.load_state_dict(state, strict=False)
+    if (path / lora.ADAPTER_CONFIG).is_file():  # a LoRA adapter: rebuilt, loaded and merged for speed
+        adapter = json.loads((path / lora.ADAPTER_CONFIG).read_text())
+        try:
+            lora.load_adapter(model, adapter, native.read_weights(path, lora.ADAPTER_WEIGHTS))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{path}: the LoRA adapter does not fit the model ({e})") from None
     if len(tokenizer) != config.decoder.vocab_size:
         raise CheckpointError(f"{path}: tokenizer has {len(tokenizer)} tokens but the decoder has "
                               f"{config.decoder.vocab_size} embeddings")

@@ -22,3 +22,7 @@ class CheckpointError(TinyOmniError, FileNotFoundError):
 
 class ContextLengthError(InputError):
     """A prompt (with its media tokens) that does not fit in the model's context."""
+
+
+class MissingDependencyError(TinyOmniError, RuntimeError):
+    """A system tool that a feature needs (espeak-ng, a TrueType font) is not installed."""

@@ -55,9 +55,9 @@ def atomic_directory(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def save_weights(directory: Path, state: dict[str, torch.Tensor]) -> None:
+def save_weights(directory: Path, state: dict[str, torch.Tensor], name: str = WEIGHTS_FILE) -> None:
     # safetensors refuses shared storage (tied weights); contiguous copies are what it stores anyway.
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / WEIGHTS_FILE),
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / name),
               metadata={"format": "pt", "producer": "tinyomni"})
 
 
@@ -67,8 +67,8 @@ def read_config(path: Path) -> OmniConfig:
     return OmniConfig.load(path / CONFIG_FILE)
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    file = path / WEIGHTS_FILE
+def read_weights(path: Path, name: str = WEIGHTS_FILE) -> dict[str, torch.Tensor]:
+    file = path / name
     if not file.is_file():
         raise CheckpointError(f"weights file missing: {file}")
     try:

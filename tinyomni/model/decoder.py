@@ -214,6 +214,23 @@ class Decoder(nn.Module):
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.model.embed_tokens(input_ids)
 
+    def hidden_states(self, x: Tensor, position_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                      cache: CacheState | None = None) -> Tensor:
+        """Input embeddings [B, T, D] → final-norm hidden states [B, T, D] (the LM head not applied), for
+        callers that need logits at a few positions only (training computes them where labels are)."""
+        B, T, _ = x.shape
+        if position_ids is None:
+            base = cache.positions if cache is not None else torch.arange(T, device=x.device)
+            # Per-row slots ([B, T]) are already per-row positions.
+            position_ids = base if base.dim() == 2 else base.unsqueeze(0).expand(B, T)
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        mask = None
+        if attention_mask is not None:
+            mask = build_attention_mask(attention_mask.bool(), T, cache)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache)
+        return self.model.norm(x)
+
     def forward(
         self,
         input_ids: Tensor | None = None,
@@ -232,18 +249,7 @@ class Decoder(nn.Module):
             a long prefill does not build a [T, vocab] matrix it throws away.
         """
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        B, T, _ = x.shape
-        if position_ids is None:
-            base = cache.positions if cache is not None else torch.arange(T, device=x.device)
-            # Per-row slots ([B, T]) are already per-row positions.
-            position_ids = base if base.dim() == 2 else base.unsqueeze(0).expand(B, T)
-        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
-        mask = None
-        if attention_mask is not None:
-            mask = build_attention_mask(attention_mask.bool(), T, cache)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache)
-        x = self.model.norm(x)
+        x = self.hidden_states(x, position_ids, attention_mask, cache)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = self.lm_head(x)

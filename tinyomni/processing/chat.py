@@ -77,6 +77,58 @@ class ChatProcessor:
     # --- public ------------------------------------------------------------------------------------
     def __call__(self, messages: list[dict[str, Any]] | str, add_generation_prompt: bool = True,
                  max_tiles: int | None = None) -> Prompt:
+        flat, media = self._flatten(messages, max_tiles)
+        rendered = self.render(flat, add_generation_prompt)
+        return self._prompt(self._prefix_ids() + self._encode(rendered, media), media)
+
+    def training_example(self, messages: list[dict[str, Any]] | str,
+                         max_tiles: int | None = None) -> tuple[Prompt, list[int]]:
+        """A conversation for training: its `Prompt` and `labels` (one per input id), -100 everywhere
+        but the assistant turns, so the loss is on what the model should say.
+
+        The text before each assistant turn is rendered exactly as `__call__` renders a prompt with the
+        generation prompt, and tokenized on its own, so the model trains on the very ids it sees at
+        inference. Each target is the turn's content plus the template's end-of-turn token.
+        """
+        flat, media = self._flatten(messages, max_tiles)
+        if not any(m["role"] == "assistant" for m in flat):
+            raise InputError("a training example needs at least one assistant message to learn from")
+        segments: list[tuple[str, bool]] = []  # (text, is_target), in order
+        done = ""
+        for i, message in enumerate(flat):
+            if message["role"] != "assistant":
+                continue
+            before = self.render(flat[:i], add_generation_prompt=True)
+            after = self.render(flat[: i + 1], add_generation_prompt=False)
+            if not before.startswith(done) or not after.startswith(before):
+                raise InputError("the chat template does not render a conversation as a prefix of its "
+                                 "continuation, so assistant turns cannot be found for training")
+            target = after[len(before):]
+            # Whitespace after the end-of-turn token is template layout, not something to predict.
+            stripped = target.rstrip()
+            segments += [(before[len(done):], False), (stripped, True), (target[len(stripped):], False)]
+            done = after
+        segments.append((self.render(flat, add_generation_prompt=False)[len(done):], False))
+        ids = self._prefix_ids()
+        labels = [-100] * len(ids)
+        for text, is_target in segments:
+            piece = self._encode(text, media)
+            ids += piece
+            labels += piece if is_target else [-100] * len(piece)
+        return self._prompt(ids, media), labels
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The chat template applied to text-only messages."""
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token="", eos_token="")
+        except TemplateError as e:
+            raise InputError(f"the chat template failed on these messages: {e}") from None
+
+    # --- messages → text with media markers --------------------------------------------------------
+    def _flatten(self, messages: list[dict[str, Any]] | str,
+                 max_tiles: int | None) -> tuple[list[dict[str, str]], list[_Media]]:
+        """Text-only messages (each media item a marker) and the processed media, in order."""
         messages = normalize_messages(messages)
         media: list[_Media] = []
         flat = []
@@ -97,16 +149,7 @@ class ChatProcessor:
                 else:
                     text.append(self._add_audio(part, media) + "\n")
             flat.append({"role": message["role"], "content": "".join(text)})
-        rendered = self.render(flat, add_generation_prompt)
-        return self._tokenize(rendered, media)
-
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The chat template applied to text-only messages."""
-        try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token="", eos_token="")
-        except TemplateError as e:
-            raise InputError(f"the chat template failed on these messages: {e}") from None
+        return flat, media
 
     # --- media -------------------------------------------------------------------------------------
     def _require_vision(self) -> None:
@@ -161,10 +204,14 @@ class ChatProcessor:
         return MARKER.format(len(media) - 1)
 
     # --- tokens ------------------------------------------------------------------------------------
-    def _tokenize(self, rendered: str, media: list[_Media]) -> Prompt:
-        ids: list[int] = []
+    def _prefix_ids(self) -> list[int]:
         if self.tokenizer.add_bos_token and self.tokenizer.bos_token_id is not None:
-            ids.append(self.tokenizer.bos_token_id)
+            return [self.tokenizer.bos_token_id]
+        return []
+
+    def _encode(self, rendered: str, media: list[_Media]) -> list[int]:
+        """Rendered text → ids, each media marker replaced by its placeholder run (never adds BOS)."""
+        ids: list[int] = []
         pos = 0
         for match in MARKER_RE.finditer(rendered):
             ids += self.tokenizer.encode_piece(rendered[pos:match.start()])
@@ -174,7 +221,10 @@ class ChatProcessor:
             else:
                 ids += [self.audio_start_id] + [self.audio_context_id] * item.num_tokens + [self.audio_end_id]
             pos = match.end()
-        ids += self.tokenizer.encode_piece(rendered[pos:])
+        return ids + self.tokenizer.encode_piece(rendered[pos:])
+
+    @staticmethod
+    def _prompt(ids: list[int], media: list[_Media]) -> Prompt:
         images = [m for m in media if m.kind == "image"]
         return Prompt(
             input_ids=ids,

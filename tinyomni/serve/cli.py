@@ -28,7 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    "directory or a hub id (default: the default model)")
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients pass (default: from --model)")
-    p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights, activations and KV cache (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("TINYOMNI_API_KEY"),
@@ -92,7 +94,7 @@ def handler(args: argparse.Namespace) -> int:
             print(f"error: --allow-dir {d} is not a directory", file=sys.stderr)
             return 2
     try:
-        model = load(args.model, dtype=args.dtype)
+        model = load(args.model, device=args.device, dtype=args.dtype)
     except TinyOmniError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -101,8 +103,10 @@ def handler(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not options.api_key:
         print(f"warning: listening on {args.host} with no --api-key: anyone who can reach it can use it",
               file=sys.stderr)
-    print(f"tinyomni: serving {model.name} at http://{args.host}:{args.port}/ "
-          f"(API at /v1, batch {options.max_batch})", file=sys.stderr)
+    engine = app.state.engine
+    print(f"tinyomni: serving {model.name} at http://{args.host}:{args.port}/ (API at /v1); "
+          f"{engine.max_batch} requests at a time, {engine.max_context} tokens each "
+          f"(KV cache {engine.cache_bytes / 2**20:,.0f} MiB; --max-batch, --max-context)", file=sys.stderr)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     except OSError as e:  # e.g. the port is taken

@@ -196,6 +196,14 @@ class Engine:
                                  f"{self.max_queue} are waiting; retry shortly") from None
         return request
 
+    @property
+    def cache_bytes(self) -> int:
+        """Memory the KV cache takes: keys and values for every layer, row and slot."""
+        dec = self.model.config.decoder
+        itemsize = self._decoder.model.embed_tokens.weight.element_size()
+        return (2 * dec.num_hidden_layers * dec.num_key_value_heads * dec.attn_head_dim * itemsize
+                * self.max_batch * self.max_context)
+
     def stats(self) -> dict[str, int]:
         return {"active": sum(r is not None for r in self._rows), "waiting": self._waiting.qsize(),
                 "max_batch": self.max_batch, "max_queue": self.max_queue, "max_context": self.max_context,

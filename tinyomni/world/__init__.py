@@ -11,10 +11,10 @@
 See splits.py for how train, val and test are held apart, skills.py for what each skill asks.
 """
 
+from tinyomni.errors import MissingDependencyError
 from tinyomni.world.bench import BENCH_NAME, ensure_bench, write_bench
 from tinyomni.world.generator import WorldStream, generate, make_sample, messages, resolve_skills, to_record
 from tinyomni.world.preview import contact_sheet, write_preview
-from tinyomni.world.render import MissingDependencyError
 from tinyomni.world.sample import Difficulty, Sample
 from tinyomni.world.skills import SKILLS, SPEECH_SKILLS
 from tinyomni.world.splits import HELD_OUT_PAIRS, HELD_OUT_VOICES, HELD_OUT_WORDS, SPLITS

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from tinyomni.errors import TinyOmniError
+from tinyomni.errors import MissingDependencyError
 
 # Named colours: distinct at a glance, none close to the light backgrounds.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -34,10 +34,6 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "hexagon", "d
 SIZES: dict[str, float] = {"small": 0.065, "medium": 0.095, "large": 0.13}
 
 SUPERSAMPLE = 2
-
-
-class MissingDependencyError(TinyOmniError, RuntimeError):
-    """A system tool the world needs (espeak-ng, a TrueType font) is not installed."""
 
 
 @dataclass(frozen=True)

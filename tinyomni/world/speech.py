@@ -17,7 +17,7 @@ import numpy as np
 import soundfile
 import soxr
 
-from tinyomni.world.render import MissingDependencyError
+from tinyomni.errors import MissingDependencyError
 
 SAMPLE_RATE = 16000
 # espeak-ng's own English voices (no MBROLA: those need extra packages) and its speaker variants.

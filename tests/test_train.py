@@ -1,0 +1,191 @@
+"""The trainer: label masking, LoRA, data order, a toy two-stage run, exact resume, a kill during a
+checkpoint write, and DDP with 2 CPU processes against 1 process at the same global batch.
+
+Every run uses the tiny random model, saved once as a checkpoint so subprocesses load it in a blink.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import tinyomni
+from tinyomni.errors import ConfigError
+from tinyomni.model.lora import LoraConfig, LoRALinear, apply_lora, merge_lora
+from tinyomni.train import checkpoint as ckpt
+from tinyomni.train import load_recipe, train
+from tinyomni.train.data import StageBatches
+from tinyomni.train.recipe import StageSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ROOT / "recipes" / "toy.toml"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny, tmp_path_factory) -> str:
+    return str(tiny.save(tmp_path_factory.mktemp("tiny") / "tiny"))
+
+
+def toy(tiny_dir: str, out: Path, *overrides: str):
+    return load_recipe(TOY, [f'model.base="{tiny_dir}"', f'run.out="{out}"', *overrides])
+
+
+def logged_losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()
+            if json.loads(line)["type"] == "train"]
+
+
+# --- pieces ----------------------------------------------------------------------------------------
+
+def test_training_example_labels_only_assistant_turns(tiny):
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                    {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    prompt, labels = tiny.processor.training_example(conversation)
+    assert len(labels) == len(prompt.input_ids)
+    targets = tiny.tokenizer.decode([t for t in labels if t != -100], skip_special_tokens=False)
+    assert targets == "hello<|im_end|>4<|im_end|>"
+    # The context of the last answer is tokenized exactly as inference tokenizes the prompt.
+    inference = tiny.processor(conversation[:3]).input_ids
+    assert prompt.input_ids[: len(inference)] == inference
+
+
+def test_lora_starts_as_identity_and_merges_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    x = torch.randn(3, 8)
+    before = model(x)
+    names = apply_lora(model, LoraConfig(r=2, alpha=4, targets=["0", "2"], scope=""))
+    assert names == ["0", "2"] and isinstance(model[0], LoRALinear)
+    torch.testing.assert_close(model(x), before)
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.lora_B.weight.normal_()
+    adapted = model(x)
+    assert not torch.allclose(adapted, before)
+    assert merge_lora(model) == 2 and type(model[0]) is nn.Linear
+    torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_data_order_splits_across_processes_and_buckets():
+    stage = StageSpec(steps=4, batch_size=4, bucket_batches=2, train=["x"])
+
+    def make(j, record, root):
+        return SimpleNamespace(index=j, length=(j * 7) % 5)
+
+    def indices(rank: int, world: int, step: int) -> list[int]:
+        batches = StageBatches(stage, make, lambda j: ({}, None), 0, seed=0, rank=rank, world=world)
+        batches.collate = lambda examples, pad: [e.index for e in examples]
+        micro, _ = batches.step_batches(step)
+        return sorted(i for m in micro for i in m)
+
+    for step in range(4):
+        one = indices(0, 1, step)
+        assert len(one) == 4 and all(j // 8 == step // 2 for j in one)  # bucketed within its window
+        assert indices(0, 1, step) == one  # a pure function of the step
+    window = sorted(i for s in (0, 1) for i in indices(0, 1, s))
+    assert window == list(range(8))
+    # Two processes together see each window's samples exactly once.
+    assert sorted(i for r in (0, 1) for s in (0, 1) for i in indices(r, 2, s)) == list(range(8))
+
+
+def test_recipe_rejects_typos_and_takes_overrides(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[stages]]\nname = "a"\nkind = "sft"\ntrain = ["x"]\nlearning_rate = 1.0\n')
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_recipe(bad)
+    recipe = load_recipe(TOY, ["stages.1.steps=3", "run.out=runs/elsewhere", "stages.1.lora.r=2"])
+    assert recipe.stages[1].steps == 3 and recipe.run.out == "runs/elsewhere" and recipe.stages[1].lora.r == 2
+
+
+# --- runs ------------------------------------------------------------------------------------------
+
+def test_toy_two_stage_recipe_loss_falls_and_exports(tiny_dir, tmp_path):
+    result = train(toy(tiny_dir, tmp_path / "run"), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    for stage in ("vision-pretrain", "instruct"):
+        losses = [r["loss"] for r in rows if r["stage"] == stage]
+        assert len(losses) == 6 and losses[-1] < losses[0], (stage, losses)
+    assert all(r["samples_per_s"] > 0 for r in rows)
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    # The final model keeps its LoRA weights as an adapter, and loads (merged) like any checkpoint.
+    assert (result.model_dir / "adapter_model.safetensors").is_file()
+    model = tinyomni.load(result.model_dir)
+    assert not any(isinstance(m, LoRALinear) for m in model.model.modules())
+    assert isinstance(model.chat("hi", max_new_tokens=3), str)
+
+
+def test_resume_equals_uninterrupted_run(tiny_dir, tmp_path):
+    overrides = ("stages.0.steps=3", "stages.1.steps=4", "run.save_every=2")
+    straight = train(toy(tiny_dir, tmp_path / "a", *overrides), progress=False)
+    # Stop in the middle of a length-bucketing window of the LoRA stage, then continue.
+    first = train(toy(tiny_dir, tmp_path / "b", *overrides), progress=False, stop_after=4)
+    assert first.model_dir is None and ckpt.latest_checkpoint(tmp_path / "b").name == "step-0000004"
+    second = train(toy(tiny_dir, tmp_path / "b", *overrides), progress=False, resume=True)
+    assert second.global_step == straight.global_step == 7
+    assert logged_losses(tmp_path / "b") == logged_losses(tmp_path / "a")  # bit for bit
+
+
+KILLED_RUN = """
+import sys, time, torch
+from pathlib import Path
+from tinyomni.train import load_recipe, train
+saves = []
+real_save = torch.save
+def slow_save(obj, f, *a, **k):
+    real_save(obj, f, *a, **k)
+    if Path(f).name == "optimizer.pt":
+        saves.append(f)
+        if len(saves) == 2:  # the second checkpoint: half written when the parent kills us
+            Path(sys.argv[2]).write_text(str(f))
+            time.sleep(120)
+torch.save = slow_save
+train(load_recipe(sys.argv[1], sys.argv[3:]), progress=False)
+"""
+
+
+def test_kill_during_checkpoint_write_keeps_previous(tiny_dir, tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "writing"
+    args = [f'model.base="{tiny_dir}"', f'run.out="{out}"', "stages.0.steps=2", "stages.1.steps=2",
+            "run.save_every=2"]
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(TOY), str(marker), *args],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 60
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), "the run never reached its second checkpoint"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert Path(marker.read_text()).parent.name.startswith(".step-0000004.tmp-")  # killed mid-write
+    latest = ckpt.latest_checkpoint(out)
+    assert latest is not None and latest.name == "step-0000002"
+    state, weights, _ = ckpt.load_checkpoint(latest)
+    assert state.global_step == 2 and weights
+    result = train(load_recipe(TOY, args), progress=False, resume=True)
+    assert result.global_step == 4 and result.model_dir is not None
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_ddp_two_processes_match_one(tiny_dir, tmp_path):
+    overrides = ["stages.0.steps=2", "stages.1.steps=3", "stages.1.bucket_batches=1", "run.autocast=none"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "tinyomni.train.cli", str(TOY), "--no-progress", "--out", str(tmp_path / "ddp"),
+           "--set", f'model.base="{tiny_dir}"'] + [a for o in overrides for a in ("--set", o)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    train(toy(tiny_dir, tmp_path / "one", *overrides), progress=False)
+    one, two = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "ddp")
+    assert len(one) == len(two) == 5
+    assert two == pytest.approx(one, rel=1e-4)

@@ -1,0 +1,120 @@
+"""Contrastive pretraining of an encoder against a small text tower (CLIP / SigLIP).
+
+A ViT learns from scratch far more cheaply this way than through the LLM: each image is pulled
+towards the embedding of its caption and away from the other captions of the batch. The same works
+for the audio encoder with spoken words and their transcripts. Only the encoder is kept afterwards;
+the text tower and the two projection heads are thrown away.
+
+Captions in a synthetic world repeat ("red", "3"), so two samples with the same text are both
+positives for each other rather than false negatives.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tinyomni.model.audio import audio_output_length
+from tinyomni.train.data import PairBatch
+from tinyomni.train.recipe import TextTowerSpec
+
+
+class TextTower(nn.Module):
+    """Token embedding + a few pre-norm transformer layers + masked mean pooling."""
+
+    def __init__(self, vocab_size: int, spec: TextTowerSpec) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, spec.hidden_size)
+        self.positions = nn.Parameter(torch.randn(spec.max_length, spec.hidden_size) * 0.02)
+        layer = nn.TransformerEncoderLayer(spec.hidden_size, spec.heads, 4 * spec.hidden_size, dropout=0.0,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.layers = nn.TransformerEncoder(layer, spec.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(spec.hidden_size)
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        x = self.embed(ids) + self.positions[: ids.shape[1]]
+        x = self.norm(self.layers(x, src_key_padding_mask=~mask))
+        return masked_mean(x, mask)
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    m = mask.to(x.dtype)[..., None]
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+class ContrastiveModule(nn.Module):
+    """An encoder of the omni model (vision or audio tower) + the text tower + heads + the loss."""
+
+    def __init__(self, encoder: nn.Module, encoder_width: int, kind: str, vocab_size: int, spec: TextTowerSpec,
+                 loss: str, audio_config=None) -> None:
+        super().__init__()
+        self.encoder = encoder  # shared with the omni model: what this stage trains
+        self.kind, self.loss_kind, self.audio_config = kind, loss, audio_config
+        self.text_tower = TextTower(vocab_size, spec)
+        self.media_head = nn.Linear(encoder_width, spec.embed_dim)
+        self.text_head = nn.Linear(spec.hidden_size, spec.embed_dim)
+        if loss == "siglip":  # SigLIP's initialisation: temperature 10, bias -10
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+            self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+        else:  # CLIP's: temperature 1/0.07
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+            self.logit_bias = None
+
+    def embed_media(self, batch: PairBatch) -> Tensor:
+        if self.kind == "vision":
+            features = self.encoder(batch.media)
+            pooled = features.mean(1)  # every patch (a CLS token, if any, is one more)
+        else:
+            features = self.encoder(batch.media, attention_mask=batch.media_mask)
+            frames = batch.media_mask.sum(1).tolist()
+            lengths = torch.tensor([audio_output_length(int(f), self.audio_config) for f in frames])
+            mask = torch.arange(features.shape[1])[None, :] < lengths[:, None]
+            pooled = masked_mean(features, mask.to(features.device))
+        return F.normalize(self.media_head(pooled).float(), dim=-1)
+
+    def embed_text(self, batch: PairBatch) -> Tensor:
+        return F.normalize(self.text_head(self.text_tower(batch.text_ids, batch.text_mask)).float(), dim=-1)
+
+    def forward(self, batch: PairBatch) -> Tensor:
+        media, text = self.embed_media(batch), self.embed_text(batch)
+        texts = batch.texts
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Negatives from every process: the loss is that of the whole global batch on each rank.
+            media, text = GatherRows.apply(media), GatherRows.apply(text)
+            gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+            dist.all_gather_object(gathered, texts)
+            texts = [t for part in gathered for t in part]
+        same = torch.tensor([[a == b for b in texts] for a in texts], device=media.device)
+        logits = media @ text.T * self.logit_scale.exp()
+        if self.loss_kind == "siglip":
+            signs = same.float() * 2 - 1
+            return -F.logsigmoid(signs * (logits + self.logit_bias)).sum() / len(texts)
+        targets = same.float() / same.sum(1, keepdim=True)
+        # `same` is symmetric, so the text-to-media targets are the same rows.
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+class GatherRows(torch.autograd.Function):
+    """All processes' rows, concatenated in rank order, with gradients flowing back to their owners.
+
+    Every rank computes the same global loss, so the gradient of a rank's rows is the sum of what
+    every rank's backward sends them; DDP then averages the parameter gradients over ranks, which
+    gives exactly the single-process gradient of the global batch.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows: (ctx.rank + 1) * ctx.rows]

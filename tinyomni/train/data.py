@@ -1,0 +1,272 @@
+"""Training data: records → examples → padded batches, in an order that is a pure function of the step.
+
+Sample `j` of a stage is a fixed record (world sample or JSONL line). The samples of global step `s`
+are fixed too, so a resumed run sees exactly the batches an uninterrupted one would, and processes
+split the work without talking:
+
+- Without bucketing (`bucket_batches = 1`), step `s` takes samples `s*G .. s*G+G-1` (G = global
+  batch); process `r` of `W` takes every W-th of them starting at `r`.
+- With bucketing (`bucket_batches = M`), a window of M steps' samples is sorted by length within each
+  process, cut into batches, and the batches shuffled with a seed of the window: similar lengths pad
+  little, and the order is still a function of the step.
+
+Examples are built by the same processing inference uses: `ChatProcessor.training_example` for
+chat (sft) stages, the image/audio front ends for contrastive pairs.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tinyomni.errors import InputError
+from tinyomni.processing.chat import ChatProcessor
+from tinyomni.processing.tokenizer import Tokenizer
+from tinyomni.train.recipe import DataSpec, StageSpec
+
+IGNORE = -100
+
+
+# --- records ---------------------------------------------------------------------------------------
+
+class RecordSource:
+    """Sample index → (record, folder its media paths are relative to)."""
+
+    def __init__(self, spec: DataSpec) -> None:
+        self.spec = spec
+        self.records: list[dict[str, Any]] | None = None
+        self.root: Path | None = None
+        if spec.jsonl is not None:
+            from tinyomni.world.writers import read_records
+
+            path = Path(spec.jsonl)
+            if not path.is_file():
+                raise InputError(f"training data not found: {path}")
+            self.records, self.root = read_records(path), path.parent
+            if not self.records:
+                raise InputError(f"{path} has no records")
+        else:
+            from tinyomni.world.sample import Difficulty
+
+            self.difficulty = Difficulty().with_overrides(spec.difficulty)
+
+    def __call__(self, j: int) -> tuple[dict[str, Any], Path | None]:
+        if self.records is not None:  # a fresh permutation of the file every epoch
+            n = len(self.records)
+            order = list(range(n))
+            random.Random(f"tinyomni-train/{self.spec.seed}/{j // n}").shuffle(order)
+            return self.records[order[j % n]], self.root
+        from tinyomni.world.generator import WorldStream
+
+        # The stream's own index → (skill, index) mapping, so skill weights work the same way.
+        stream = WorldStream(self.spec.skills, self.spec.split, self.spec.seed, self.difficulty, start=j, limit=1)
+        return next(iter(stream)), None
+
+
+# --- examples --------------------------------------------------------------------------------------
+
+@dataclass
+class ChatExample:
+    index: int
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: Tensor | None
+    audio_features: list[Tensor]
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class PairExample:
+    """A contrastive pair: one image tile [3, S, S] or one clip's log-mel [n_mels, frames], and a text."""
+
+    index: int
+    media: Tensor
+    text_ids: list[int]
+    text: str
+
+    @property
+    def length(self) -> int:
+        return self.media.shape[-1] if self.media.dim() == 2 else len(self.text_ids)
+
+
+def chat_example(processor: ChatProcessor, stage: StageSpec) -> Callable[[int, dict, Path | None], ChatExample]:
+    from tinyomni.world.generator import messages
+
+    def make(index: int, record: dict[str, Any], root: Path | None) -> ChatExample:
+        prompt, labels = processor.training_example(messages(record, root=root), max_tiles=stage.max_tiles)
+        return ChatExample(index, prompt.input_ids, labels, prompt.pixel_values, prompt.audio_features)
+
+    return make
+
+
+_INSTRUCTION = re.compile(r"\s*Answer (with|yes|left)[^.]*\.")
+
+
+def pair_text(record: dict[str, Any]) -> str:
+    """The text side of a contrastive pair: a caption or transcript as it is, a question with its
+    answer otherwise (without the answer-format instruction, which says nothing about the picture)."""
+    answer = record["answers"][0]
+    if record.get("task") in ("caption", "ocr", "speech_transcribe"):
+        return answer
+    if record.get("choices"):
+        answer = record["choices"]["ABCDEFGHIJKLMNOPQRSTUVWXYZ".index(answer)]
+    return f"{_INSTRUCTION.sub('', record['question']).strip()} {answer}"
+
+
+def pair_example(tokenizer: Tokenizer, config: Any, stage: StageSpec) -> Callable[[int, dict, Path | None],
+                                                                                  PairExample]:
+    """Builds PairExamples for `stage.tower`; `config` is the model's OmniConfig."""
+
+    def make(index: int, record: dict[str, Any], root: Path | None) -> PairExample:
+        text = pair_text(record)
+        ids = tokenizer.encode_piece(text)[: stage.text_tower.max_length]
+        if stage.tower == "vision":
+            from tinyomni.processing.image import preprocess_image
+
+            image = record.get("image") or (record.get("images") or record.get("video") or [None])[0]
+            if image is None:
+                raise InputError(f"{record.get('id')}: a vision contrastive stage needs records with an image")
+            if root is not None and isinstance(image, str):
+                image = str(root / image)
+            v = config.vision
+            media = preprocess_image(image, image_size=v.image_size, min_tiles=1, max_tiles=1,
+                                     use_thumbnail=False, mean=v.image_mean, std=v.image_std)[0]
+        else:
+            from tinyomni.processing.audio import load_audio, log_mel_spectrogram
+
+            audio = record.get("audio")
+            if audio is None:
+                raise InputError(f"{record.get('id')}: an audio contrastive stage needs records with audio")
+            if root is not None and isinstance(audio, str):
+                audio = str(root / audio)
+            media = log_mel_spectrogram(load_audio(audio), n_mels=config.audio.num_mel_bins)
+        return PairExample(index, media, ids, text)
+
+    return make
+
+
+# --- batches ---------------------------------------------------------------------------------------
+
+@dataclass
+class ChatBatch:
+    input_ids: Tensor  # [B, T], right-padded
+    labels: Tensor  # [B, T], IGNORE on prompts and padding
+    pixel_values: Tensor | None  # every row's tiles, row-major (the order OmniModel fills placeholders)
+    audio_features: list[Tensor]
+    samples: int
+    indices: list[int] = field(default_factory=list)
+
+    @property
+    def target_tokens(self) -> int:
+        """Tokens the loss is on (labels are predicted from the previous position)."""
+        return int((self.labels[:, 1:] != IGNORE).sum())
+
+
+@dataclass
+class PairBatch:
+    media: Tensor  # [B, 3, S, S] or [B, n_mels, frames] (right-padded)
+    media_mask: Tensor | None  # [B, frames] for audio
+    text_ids: Tensor  # [B, L]
+    text_mask: Tensor  # [B, L]
+    texts: list[str]
+    samples: int
+    indices: list[int] = field(default_factory=list)
+
+
+def collate_chat(examples: list[ChatExample], pad_id: int) -> ChatBatch:
+    T = max(e.length for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : e.length] = torch.tensor(e.input_ids)
+        labels[i, : e.length] = torch.tensor(e.labels)
+    pixels = [e.pixel_values for e in examples if e.pixel_values is not None]
+    return ChatBatch(ids, labels, torch.cat(pixels) if pixels else None,
+                     [a for e in examples for a in e.audio_features], len(examples), [e.index for e in examples])
+
+
+def collate_pairs(examples: list[PairExample], pad_id: int) -> PairBatch:
+    L = max(len(e.text_ids) for e in examples)
+    text = torch.full((len(examples), L), pad_id, dtype=torch.long)
+    text_mask = torch.zeros(len(examples), L, dtype=torch.bool)
+    for i, e in enumerate(examples):
+        text[i, : len(e.text_ids)] = torch.tensor(e.text_ids)
+        text_mask[i, : len(e.text_ids)] = True
+    media_mask = None
+    if examples[0].media.dim() == 2:  # audio: right-pad the frames, and say which are real
+        frames = max(e.media.shape[-1] for e in examples)
+        frames += frames % 2  # the encoder's stride-2 conv wants an even count
+        media = torch.zeros(len(examples), examples[0].media.shape[0], frames)
+        media_mask = torch.zeros(len(examples), frames, dtype=torch.bool)
+        for i, e in enumerate(examples):
+            media[i, :, : e.media.shape[-1]] = e.media
+            media_mask[i, : e.media.shape[-1]] = True
+    else:
+        media = torch.stack([e.media for e in examples])
+    return PairBatch(media, media_mask, text, text_mask, [e.text for e in examples], len(examples),
+                     [e.index for e in examples])
+
+
+class StageBatches(torch.utils.data.IterableDataset):
+    """This process's micro-batches of one stage, from `start_step` to the end: for each step, a list
+    of micro-batches (gradient accumulation) plus how many samples were dropped as too long."""
+
+    def __init__(self, stage: StageSpec, make: Callable[[int, dict, Path | None], Any], source: RecordSource,
+                 pad_id: int, seed: int, rank: int = 0, world: int = 1, start_step: int = 0,
+                 micro_batch_size: int | None = None) -> None:
+        super().__init__()
+        if stage.batch_size % world:
+            raise InputError(f"stage {stage.name!r}: batch_size {stage.batch_size} must divide among "
+                             f"{world} processes")
+        self.stage, self.make, self.source, self.pad_id, self.seed = stage, make, source, pad_id, seed
+        self.rank, self.world, self.start_step = rank, world, start_step
+        self.local = stage.batch_size // world
+        self.micro = micro_batch_size or self.local
+        self.collate = collate_pairs if stage.kind == "contrastive" else collate_chat
+        self._window: tuple[int, list[list[Any]], int] | None = None
+
+    def local_examples(self, step: int) -> tuple[list[Any], int]:
+        """This process's examples of a step and the number dropped."""
+        M = self.stage.bucket_batches
+        w = step // M
+        if self._window is None or self._window[0] != w:
+            self._window = (w, *self._build_window(w))
+        return self._window[1][step % M], self._window[2] if step % M == 0 else 0
+
+    def _build_window(self, w: int) -> tuple[list[list[Any]], int]:
+        M, G = self.stage.bucket_batches, self.stage.batch_size
+        base = w * M * G
+        indices = [base + self.rank + k * self.world for k in range(M * self.local)]
+        examples, dropped = [], 0
+        for j in indices:
+            e = self.make(j, *self.source(j))
+            if self.stage.kind == "sft" and e.length > self.stage.max_length:
+                dropped += 1
+                continue
+            examples.append(e)
+        if M == 1:
+            return [examples], dropped
+        examples.sort(key=lambda e: (e.length, e.index))
+        batches = [examples[i: i + self.local] for i in range(0, len(examples), self.local)]
+        batches += [[] for _ in range(M - len(batches))]  # drops could leave a window short
+        random.Random(f"tinyomni-train/{self.seed}/{self.stage.name}/{w}").shuffle(batches)
+        return batches, dropped
+
+    def step_batches(self, step: int) -> tuple[list[Any], int]:
+        examples, dropped = self.local_examples(step)
+        micro = [examples[i: i + self.micro] for i in range(0, len(examples), self.micro)]
+        return [self.collate(m, self.pad_id) for m in micro if m], dropped
+
+    def __iter__(self) -> Iterator[tuple[list[Any], int]]:
+        for step in range(self.start_step, self.stage.steps):
+            yield self.step_batches(step)

@@ -1,0 +1,243 @@
+"""Recipes: one TOML (or YAML) file says what to train, on what, in which stages, with which settings.
+
+    name = "toy"
+    [model]                      # what to start from
+    base = "smollm2"             # "smollm2" | a .gguf | a HF dir (new encoders) | a tinyomni checkpoint | "tiny"
+    [run]                        # where and how: out dir, checkpoints, logging, precision
+    out = "runs/toy"
+    [eval]                       # periodic evaluation through the eval harness (every = 0: off)
+    every = 100
+    [[stages]]                   # run in order; each names its kind, data, what trains, and its optimiser
+    name = "vision-pretrain"
+    kind = "contrastive"         # or "sft" (alignment and instruction tuning: loss on assistant tokens)
+    ...
+
+Every field has a default (see the dataclasses below); unknown fields are errors, so a typo never
+silently trains the wrong thing. `load_recipe(path, overrides=["stages.0.steps=10"])` changes fields
+from the command line (`--set`), with values parsed as TOML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, before it joined the standard library
+    import tomli as tomllib
+
+from tinyomni.errors import ConfigError
+from tinyomni.model.lora import LoraConfig
+
+STAGE_KINDS = ("contrastive", "sft")
+
+
+@dataclass
+class ModelSpec:
+    base: str = "smollm2"  # see the module docstring; "tiny" is tiny_random_model (tests)
+    vision: dict[str, Any] = field(default_factory=dict)  # VisionConfig fields (new encoders only)
+    audio: dict[str, Any] = field(default_factory=dict)  # AudioConfig fields (new encoders only)
+    config: dict[str, Any] = field(default_factory=dict)  # other OmniConfig fields: max_tiles, use_thumbnail, ...
+    seed: int = 0  # initialisation of the new parts
+
+
+@dataclass
+class DataSpec:
+    """Training samples: the synthetic world (endless, seeded) or a JSONL file of records."""
+
+    skills: list[str] | str = "all"  # a list may repeat names to weight skills
+    split: str = "train"
+    seed: int = 0
+    difficulty: dict[str, Any] = field(default_factory=dict)  # Difficulty knobs for every skill
+    jsonl: str | None = None  # a task/world JSONL instead of the world (cycled, reshuffled every epoch)
+
+
+@dataclass
+class TextTowerSpec:
+    """The small text encoder of contrastive pretraining (thrown away afterwards)."""
+
+    hidden_size: int = 256
+    layers: int = 2
+    heads: int = 4
+    max_length: int = 48
+    embed_dim: int = 256  # the shared image-text embedding width
+
+
+@dataclass
+class StageSpec:
+    name: str = "stage"
+    kind: str = "sft"
+    steps: int = 100  # optimizer steps
+    batch_size: int = 8  # samples per optimizer step, over all processes and micro-batches
+    micro_batch_size: int | None = None  # per process and forward; None = batch_size / processes
+    lr: float = 1e-4  # peak learning rate of every trained parameter ...
+    module_lr: dict[str, float] = field(default_factory=dict)  # ... unless its name starts with a key here
+    train: list[str] = field(default_factory=list)  # module-name prefixes trained in full ("" = all)
+    lora: LoraConfig | None = None  # LoRA adapters (their lr: module_lr["lora"], else lr)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+    clip_grad: float | None = 1.0  # max global gradient norm; None = no clipping
+    max_length: int = 2048  # longer samples are dropped (and counted in the log)
+    max_tiles: int | None = None  # cap on image tiles (fewer tokens), else the model's
+    bucket_batches: int = 1  # length bucketing: sort this many batches' samples by length (1 = off)
+    data: DataSpec = field(default_factory=DataSpec)
+    # contrastive only
+    tower: str = "vision"  # "vision" (images ↔ captions) or "audio" (speech ↔ transcripts)
+    loss: str = "siglip"  # "siglip" (sigmoid) or "clip" (softmax)
+    text_tower: TextTowerSpec = field(default_factory=TextTowerSpec)
+
+    def validate(self, where: str) -> None:
+        _require(self.kind in STAGE_KINDS, f"{where}.kind must be one of {STAGE_KINDS}, got {self.kind!r}")
+        _require(self.steps >= 1 and self.batch_size >= 1, f"{where}: steps and batch_size must be >= 1")
+        _require(self.tower in ("vision", "audio"), f"{where}.tower must be vision or audio")
+        _require(self.loss in ("siglip", "clip"), f"{where}.loss must be siglip or clip")
+        _require(self.bucket_batches >= 1, f"{where}.bucket_batches must be >= 1")
+        if self.kind == "sft":
+            _require(bool(self.train) or self.lora is not None, f"{where}: say what trains (train = [...] or lora)")
+
+
+@dataclass
+class RunSpec:
+    out: str = "runs/train"
+    seed: int = 0
+    autocast: str = "bfloat16"  # bf16 autocast on CPU (AMX) and CUDA; "none" = float32
+    save_every: int = 100  # global steps between checkpoints (and one at every stage end)
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    workers: int = 0  # DataLoader processes preparing batches ahead (0 = in the training process)
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    lora_export: str = "adapter"  # final model: "adapter" (kept apart, small) or "merged" (into the weights)
+
+
+@dataclass
+class EvalSpec:
+    every: int = 0  # global steps between evaluations (0 = only at the end if at_end, else never)
+    at_end: bool = False
+    skills: list[str] | str = "all"
+    split: str = "val"
+    n: int = 4  # samples per skill
+    seed: int = 0
+    batch_size: int = 8
+    max_new_tokens: int = 16
+    difficulty: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    name: str = "recipe"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    run: RunSpec = field(default_factory=RunSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    stages: list[StageSpec] = field(default_factory=list)
+
+    def validate(self) -> None:
+        _require(bool(self.stages), "a recipe needs at least one [[stages]] table")
+        names = [s.name for s in self.stages]
+        _require(len(set(names)) == len(names), f"stage names must be unique, got {names}")
+        for i, stage in enumerate(self.stages):
+            stage.validate(f"stages.{i}")
+        _require(self.run.autocast in ("bfloat16", "none"), "run.autocast must be bfloat16 or none")
+        _require(self.run.lora_export in ("adapter", "merged"), "run.lora_export must be adapter or merged")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        else:
+            raw = tomllib.loads(text)
+    except Exception as e:  # tomllib / yaml parse errors
+        raise ConfigError(f"{path} does not parse: {e}") from None
+    for item in overrides or []:
+        apply_override(raw, item)
+    try:
+        return recipe_from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
+    raw = json.loads(json.dumps(raw))  # a deep copy, and TOML dates etc. would fail loudly here
+    stages = []
+    for i, s in enumerate(raw.pop("stages", [])):
+        s = dict(s)
+        where = f"stages.{i}"
+        sub = {"data": _build(DataSpec, s.pop("data", {}), f"{where}.data"),
+               "text_tower": _build(TextTowerSpec, s.pop("text_tower", {}), f"{where}.text_tower")}
+        lora = s.pop("lora", None)
+        sub["lora"] = None if lora is None else _build(LoraConfig, lora, f"{where}.lora")
+        if "betas" in s:
+            s["betas"] = tuple(s["betas"])
+        stages.append(_build(StageSpec, {**s, **sub}, where))
+    recipe = Recipe(
+        model=_build(ModelSpec, raw.pop("model", {}), "model"),
+        run=_build(RunSpec, raw.pop("run", {}), "run"),
+        eval=_build(EvalSpec, raw.pop("eval", {}), "eval"),
+        stages=stages,
+        **_known(Recipe, raw, "recipe"),
+    )
+    recipe.validate()
+    return recipe
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """`a.b.0.c=value` sets raw["a"]["b"][0]["c"]; the value is TOML (a bare word is a string)."""
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise ConfigError(f"--set needs KEY=VALUE, got {item!r}")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    node: Any = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = parsed
+    else:
+        node[last] = parsed
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _known(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a table")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown {where} field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return data
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    try:
+        return cls(**_known(cls, data, where))
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
