@@ -92,11 +92,11 @@ def test_cached_decoding_equals_full_forward(tiny):
     x = torch.randint(0, 1000, (1, 12))
     with torch.no_grad():
         full, _ = decoder(x)
-        decoder.setup_cache(1, 32)
-        first, _ = decoder(x[:, :8], cache=CacheState(torch.arange(8), 8))
+        kv = decoder.new_cache(1, 32)
+        first, _ = decoder(x[:, :8], cache=CacheState(kv, torch.arange(8), 8))
         steps = [first[:, -1]]
         for i in range(8, 12):
-            logits, _ = decoder(x[:, i:i + 1], cache=CacheState(torch.tensor([i]), i + 1))
+            logits, _ = decoder(x[:, i:i + 1], cache=CacheState(kv, torch.tensor([i]), i + 1))
             steps.append(logits[:, -1])
     assert torch.allclose(torch.stack(steps[:-1], 1), full[:, 7:11], atol=1e-5)
 
@@ -116,11 +116,10 @@ def test_per_row_cache_slots_match_shared_slots(tiny):
     decoder = tiny.model.language_model
     x = torch.randint(0, 1000, (2, 6))
     with torch.no_grad():
-        decoder.setup_cache(2, 16)
-        shared, _ = decoder(x, cache=CacheState(torch.arange(6), 6))
-        decoder.setup_cache(2, 16)
+        shared, _ = decoder(x, cache=CacheState(decoder.new_cache(2, 16), torch.arange(6), 6))
+        kv = decoder.new_cache(2, 16)
         rows = []
         for r in range(2):  # prefill each row on its own, into its own cache row
-            out, _ = decoder(x[r:r + 1], cache=CacheState(torch.arange(6), 6, rows=torch.tensor([r])))
+            out, _ = decoder(x[r:r + 1], cache=CacheState(kv, torch.arange(6), 6, rows=torch.tensor([r])))
             rows.append(out)
     assert torch.allclose(torch.cat(rows), shared, atol=1e-5)

@@ -6,11 +6,13 @@ Answers are checked token for token against the core's own generation on an iden
 
 from __future__ import annotations
 
+import argparse
 import base64
 import concurrent.futures
 import http.server
 import json
 import random
+import socket
 import threading
 import time
 
@@ -28,6 +30,7 @@ from serve_support import (
     wav_bytes,
 )
 
+from tinyomni.serve import cli
 from tinyomni.serve.server import ServerOptions
 
 KEY = "test-key"
@@ -253,21 +256,27 @@ def test_eight_concurrent_streams_are_complete_and_batched(server, client, refer
     assert steps < sum(w.completion_tokens for w in expected) / 2
 
 
-def test_client_disconnect_frees_its_slot(server):
-    headers = {"Authorization": f"Bearer {KEY}"}
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_frees_its_slot(server, stream):
     tokens_before = httpx.get(server + "/health").json()["tokens"]
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000,
-            "stream": True}
-    with httpx.Client(timeout=30) as http, http.stream("POST", server + "/v1/chat/completions", json=body,
-                                                       headers=headers) as r:
-        for line in r.iter_lines():
-            if '"content"' in line and '""' not in line:
-                break  # got a real token: hang up
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000,
+                       "stream": stream}).encode()
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 10
+        while not httpx.get(server + "/health").json()["active"]:  # wait until it is generating
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        if stream:
+            assert conn.recv(100).startswith(b"HTTP/1.1 200")
+    # Hung up mid-answer: the row must be freed long before the 2000 tokens are done.
     deadline = time.monotonic() + 10
     while (health := httpx.get(server + "/health").json())["active"]:
         assert time.monotonic() < deadline, "the abandoned request still holds its row"
         time.sleep(0.02)
-    assert health["tokens"] - tokens_before < 1500  # stopped long before its 2000 tokens
+    assert health["tokens"] - tokens_before < 1500
 
 
 def test_full_queue_answers_503_and_the_server_recovers(reference):
@@ -468,3 +477,18 @@ def test_fuzz_then_a_good_request(server, client, reference):
     assert r.choices[0].message.content == want.text
     assert httpx.get(server + "/health").json()["active"] == 0
 
+
+
+def test_cli_options(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="tinyomni")
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--model", "smollm2", "--api-key", "k", "--allow-host", "127.0.0.1",
+                              "--allow-dir", str(tmp_path), "--max-body-mb", "1.5", "--max-media-items", "2",
+                              "--max-tokens", "64", "--max-batch", "4"])
+    options = cli.options_from_args(args)
+    assert (options.api_key, options.allow_hosts, options.allow_dirs) == ("k", ["127.0.0.1"], [tmp_path])
+    assert (options.max_body_bytes, options.max_media_items, options.max_tokens, options.max_batch) == \
+           (int(1.5 * 2**20), 2, 64, 4)
+    assert (args.host, args.port) == ("127.0.0.1", 8000)  # loopback unless told otherwise
+    bad = parser.parse_args(["serve", "--allow-dir", str(tmp_path / "missing")])
+    assert bad.func(bad) == 2 and "not a directory" in capsys.readouterr().err

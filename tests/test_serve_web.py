@@ -148,3 +148,27 @@ def test_drop_upload_and_microphone(page, reference, tmp_path):
     page.click("#send")
     (answer,) = wait_for_answers(page, 1)
     assert answer  # decoded and answered; the content of a fake beep is not ours to check
+
+
+def test_api_key_from_settings(browser, reference):
+    options = ServerOptions(model_name=MODEL, api_key="sesame", max_tokens=64)
+    with torch_threads(1), running_server(varied_tiny_model(), options) as url:
+        context = browser.new_context()
+        page = context.new_page()
+        page.set_default_timeout(15_000)
+        page.goto(url + "/")
+        sync_api.expect(page.locator("#model-name")).to_have_text("model unknown")
+        page.fill("#prompt", "hi")
+        page.click("#send")
+        sync_api.expect(page.locator(".message.error")).to_contain_text("API key")
+        assert page.locator("#settings").get_attribute("open") is not None  # opened where the key goes
+        page.fill("#api-key", "sesame")
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", str(ANSWER_TOKENS))
+        page.press("#api-key", "Tab")  # a change event: the page lists the models again, with the key
+        sync_api.expect(page.locator("#model-name")).to_have_text(MODEL)
+        page.fill("#prompt", "hi")
+        page.click("#send")
+        sync_api.expect(page.locator(".message.assistant[data-done=true]")).to_have_count(1)
+        assert answers(page) == [reference.complete("hi", max_new_tokens=ANSWER_TOKENS).text]
+        context.close()

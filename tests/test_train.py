@@ -24,8 +24,8 @@ from tinyomni.errors import ConfigError
 from tinyomni.model.lora import LoraConfig, LoRALinear, apply_lora, merge_lora
 from tinyomni.train import checkpoint as ckpt
 from tinyomni.train import load_recipe, train
-from tinyomni.train.data import StageBatches
-from tinyomni.train.recipe import StageSpec
+from tinyomni.train.data import RecordSource, StageBatches, chat_example
+from tinyomni.train.recipe import DataSpec, StageSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "recipes" / "toy.toml"
@@ -59,6 +59,23 @@ def test_training_example_labels_only_assistant_turns(tiny):
     assert prompt.input_ids[: len(inference)] == inference
 
 
+def test_jsonl_records_with_multi_turn_messages(tiny, media, tmp_path):
+    image = Path(media["red.png"])
+    (tmp_path / image.name).write_bytes(image.read_bytes())
+    record = {"messages": [
+        {"role": "user", "content": [{"type": "image", "image": image.name}, {"type": "text", "text": "Colour?"}]},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "Sure?"},
+        {"role": "assistant", "content": "yes"}]}
+    (tmp_path / "data.jsonl").write_text(json.dumps(record) + "\n")
+    stage = StageSpec(steps=1, batch_size=2, train=["x"], data=DataSpec(jsonl=str(tmp_path / "data.jsonl")))
+    batches = StageBatches(stage, chat_example(tiny.processor, stage), RecordSource(stage.data), 0, seed=0)
+    (batch,), dropped = batches.step_batches(0)
+    assert dropped == 0 and batch.samples == 2 and batch.pixel_values is not None
+    targets = tiny.tokenizer.decode([t for t in batch.labels[0].tolist() if t != -100], skip_special_tokens=False)
+    assert targets == "red<|im_end|>yes<|im_end|>"
+
+
 def test_lora_starts_as_identity_and_merges_exactly():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
@@ -74,6 +91,22 @@ def test_lora_starts_as_identity_and_merges_exactly():
     assert not torch.allclose(adapted, before)
     assert merge_lora(model) == 2 and type(model[0]) is nn.Linear
     torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_round_trip_through_a_checkpoint(tmp_path):
+    model = tinyomni.tiny_random_model(seed=1)
+    apply_lora(model.model, LoraConfig(r=2, alpha=4, targets=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    ids = torch.tensor([model.processor("hello there").input_ids])
+    expected = model.model(ids)[0]
+    path = model.save(tmp_path / "adapted")
+    assert (path / "adapter_config.json").is_file()
+    loaded = tinyomni.load(path)
+    assert loaded.decoder_modified and not any(isinstance(m, LoRALinear) for m in loaded.model.modules())
+    torch.testing.assert_close(loaded.model(ids)[0], expected, atol=1e-4, rtol=1e-4)
 
 
 def test_data_order_splits_across_processes_and_buckets():
@@ -110,12 +143,18 @@ def test_recipe_rejects_typos_and_takes_overrides(tmp_path):
 # --- runs ------------------------------------------------------------------------------------------
 
 def test_toy_two_stage_recipe_loss_falls_and_exports(tiny_dir, tmp_path):
-    result = train(toy(tiny_dir, tmp_path / "run"), progress=False)
+    # bf16 autocast (frozen weights stored in bf16) and an evaluation through the eval harness at the end.
+    recipe = toy(tiny_dir, tmp_path / "run", "run.autocast=bfloat16", "eval.at_end=true", "eval.n=1",
+                 'eval.skills=["color", "count"]', "eval.max_new_tokens=2")
+    result = train(recipe, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     for stage in ("vision-pretrain", "instruct"):
-        losses = [r["loss"] for r in rows if r["stage"] == stage]
+        losses = [r["loss"] for r in rows if r["stage"] == stage and r["type"] == "train"]
         assert len(losses) == 6 and losses[-1] < losses[0], (stage, losses)
-    assert all(r["samples_per_s"] > 0 for r in rows)
+    assert all(r["samples_per_s"] > 0 for r in rows if r["type"] == "train")
+    evals = [r for r in rows if r["type"] == "eval"]
+    assert len(evals) == 1 and set(evals[0]["tasks"]) == {"color", "count"}
+    assert (tmp_path / "run" / "eval" / "step-0000012" / "summary.json").is_file()
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
     # The final model keeps its LoRA weights as an adapter, and loads (merged) like any checkpoint.
     assert (result.model_dir / "adapter_model.safetensors").is_file()

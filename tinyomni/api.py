@@ -57,6 +57,9 @@ class Model:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
+        # True when the decoder no longer equals its base (a LoRA adapter merged at load): saving then
+        # stores the decoder, since a reference to the base alone would silently drop the adapter.
+        self.decoder_modified = False
         self.processor = ChatProcessor(tokenizer, model.config, chat_template)
         self.chat_template = self.processor.chat_template
         model.image_token_id = self.processor.image_context_id
@@ -128,10 +131,12 @@ class Model:
     # --- saving and facts --------------------------------------------------------------------------
     def save(self, path: str | Path, store_decoder: bool | None = None) -> Path:
         """Write a checkpoint directory atomically. By default a model built on a base decoder stores
-        only what the base lacks (`store_decoder=True` stores everything, e.g. after full fine-tuning)."""
+        only what the base lacks (`store_decoder=True` stores everything, e.g. after full fine-tuning).
+        LoRA layers are written apart as an adapter (`adapter_model.safetensors` + `adapter_config.json`),
+        which loading merges back in."""
         config = self.config
         if store_decoder is None:
-            store_decoder = config.base_decoder is None
+            store_decoder = config.base_decoder is None or self.decoder_modified
         state = self.model.state_dict()
         if config.decoder.tie_word_embeddings:  # one tensor under two names; the head is rebuilt on load
             state.pop("language_model.lm_head.weight")
@@ -184,7 +189,6 @@ class Model:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Model:
         self.model.to(device=device, dtype=dtype)
-        self.model.language_model.clear_cache()
         return self
 
 
@@ -314,7 +318,8 @@ def _load_native(path: Path) -> Model:
         native.check_state(model, state, str(path),
                            allow_missing=lambda k: tied and k == "language_model.lm_head.weight")
     model.load_state_dict(state, strict=False)
-    if (path / lora.ADAPTER_CONFIG).is_file():  # a LoRA adapter: rebuilt, loaded and merged for speed
+    merged = (path / lora.ADAPTER_CONFIG).is_file()
+    if merged:  # a LoRA adapter: rebuilt, loaded and merged for speed
         adapter = json.loads((path / lora.ADAPTER_CONFIG).read_text())
         try:
             lora.load_adapter(model, adapter, native.read_weights(path, lora.ADAPTER_WEIGHTS))
@@ -323,7 +328,9 @@ def _load_native(path: Path) -> Model:
     if len(tokenizer) != config.decoder.vocab_size:
         raise CheckpointError(f"{path}: tokenizer has {len(tokenizer)} tokens but the decoder has "
                               f"{config.decoder.vocab_size} embeddings")
-    return Model(model, tokenizer, template, name=str(path))
+    loaded = Model(model, tokenizer, template, name=str(path))
+    loaded.decoder_modified = merged
+    return loaded
 
 
 def _read_template(path: Path) -> str | None:

@@ -170,16 +170,14 @@ class Generation:
         for row, n in enumerate(lengths):
             key_valid[row, T - n:] = True
         position_ids = (key_valid[:, :T].long().cumsum(-1) - 1).clamp(min=0)
-        size = decoder.cache_size
-        if size is None or size[0] != B or size[1] < max_len:
-            decoder.setup_cache(B, max_len)
+        kv = decoder.new_cache(B, max_len)
 
         pixel_values = [p.pixel_values for p in self.prompts if p.pixel_values is not None]
         audio = [a for p in self.prompts for a in p.audio_features]
         logits, _ = model(input_ids, pixel_values=torch.cat(pixel_values).to(device) if pixel_values else None,
                           audio_features=[a.to(device) for a in audio],
                           attention_mask=key_valid[:, :T] if padded else None, position_ids=position_ids,
-                          cache=CacheState(torch.arange(T, device=device), T), logits_to_keep=1)
+                          cache=CacheState(kv, torch.arange(T, device=device), T), logits_to_keep=1)
         logits = logits[:, -1]
 
         generator = None
@@ -213,7 +211,7 @@ class Generation:
             slot = T + step
             logits, _ = decoder(input_ids=tokens[:, None], position_ids=next_positions,
                                 attention_mask=key_valid[:, :slot + 1] if padded else None,
-                                cache=CacheState(torch.tensor([slot], device=device), slot + 1))
+                                cache=CacheState(kv, torch.tensor([slot], device=device), slot + 1))
             key_valid[:, slot] = True
             next_positions = next_positions + 1
             logits = logits[:, -1]

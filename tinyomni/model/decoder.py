@@ -78,46 +78,64 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values for one layer: [batch, kv_heads, max_len, head_dim].
+    """Preallocated keys and values for every layer: [layers, batch, kv_heads, max_len, head_dim].
 
-    Writes happen in place at given slot positions; no tensor ever grows. In the common case every
-    row writes the same slots (prompts are left-padded) and an update is one `index_copy_`; a server
-    that batches requests of different ages gives each row its own slots instead.
+    Owned by whoever generates (one per `Generation`, one per serving engine), never by the model, so
+    two users of one model cannot overwrite each other's cache. Writes happen in place at given slot
+    positions and no tensor ever grows. In the common case every row writes the same slots (prompts
+    are left-padded) and an update is one `index_copy_`; a server batching requests of different
+    ages gives each row its own slots instead.
     """
 
-    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(self, config: DecoderConfig, batch: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
         super().__init__()
-        shape = (batch, kv_heads, max_len, head_dim)
+        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.attn_head_dim)
+        # Zeros, not empty: masked slots still meet the value matmul, and 0 × NaN garbage would be NaN.
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, cache: CacheState, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def update(self, layer: int, cache: CacheState, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        keys, values = self.k[layer], self.v[layer]
         if cache.rows is None and cache.positions.dim() == 1:
-            self.k.index_copy_(2, cache.positions, k)
-            self.v.index_copy_(2, cache.positions, v)
-            return self.k[:, :, :cache.kv_len], self.v[:, :, :cache.kv_len]
+            keys.index_copy_(2, cache.positions, k)
+            values.index_copy_(2, cache.positions, v)
+            return keys[:, :, :cache.kv_len], values[:, :, :cache.kv_len]
         B, _, T, _ = k.shape
         rows = cache.rows if cache.rows is not None else torch.arange(B, device=k.device)
         slots = cache.positions.expand(B, T) if cache.positions.dim() == 1 else cache.positions
         # Advanced indices on dims 0 and 2 put [B, T] first: values go in as [B, T, heads, dim].
-        self.k[rows[:, None], :, slots] = k.transpose(1, 2)
-        self.v[rows[:, None], :, slots] = v.transpose(1, 2)
-        return self.k[rows, :, :cache.kv_len], self.v[rows, :, :cache.kv_len]
+        keys[rows[:, None], :, slots] = k.transpose(1, 2)
+        values[rows[:, None], :, slots] = v.transpose(1, 2)
+        return keys[rows, :, :cache.kv_len], values[rows, :, :cache.kv_len]
 
 
 @dataclass
 class CacheState:
-    """Where this forward writes in the caches, and how many slots attention reads."""
+    """Which cache this forward uses, where it writes, and how many slots attention reads."""
 
+    kv: KVCache
     positions: Tensor  # slot indices: [T] shared by every row, or [B, T] per row
     kv_len: int  # slots 0..kv_len-1 are read (a Python int so slicing needs no device sync)
     rows: Tensor | None = None  # which cache rows this batch is (None: rows 0..B-1 = all)
 
 
 class Attention(nn.Module):
-    def __init__(self, config: DecoderConfig) -> None:
+    def __init__(self, config: DecoderConfig, layer_idx: int) -> None:
         super().__init__()
+        self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.attn_head_dim
@@ -126,7 +144,6 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
-        self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: CacheState | None) -> Tensor:
@@ -135,8 +152,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None and self.kv_cache is not None:
-            k, v = self.kv_cache.update(cache, k, v)
+        if cache is not None:
+            k, v = cache.kv.update(self.layer_idx, cache, k, v)
         # No mask and a square score matrix means plain causal attention (the common prefill).
         is_causal = mask is None and T > 1 and T == k.shape[2]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
@@ -156,10 +173,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: DecoderConfig) -> None:
+    def __init__(self, config: DecoderConfig, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
@@ -175,7 +192,7 @@ class DecoderModel(nn.Module):
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
@@ -190,25 +207,22 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """transformers' Llama initialisation. PyTorch's default N(0, 1) embeddings, tied to the head,
+        would make one token's logits dominate and a random model repeat it forever."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
 
     # --- KV cache ----------------------------------------------------------------------------------
-    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate every layer's cache once for a batch and a maximum length."""
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """A cache for `batch` rows of up to `max_len` tokens, on the model's device and dtype."""
         weight = self.model.embed_tokens.weight
-        for layer in self.model.layers:
-            attn = layer.self_attn
-            attn.kv_cache = KVCache(batch, attn.num_kv_heads, max_len, attn.head_dim,
-                                    dtype or weight.dtype, weight.device)
-
-    def clear_cache(self) -> None:
-        for layer in self.model.layers:
-            layer.self_attn.kv_cache = None
-
-    @property
-    def cache_size(self) -> tuple[int, int] | None:
-        """(batch, max_len) of the allocated cache, if any."""
-        cache = self.model.layers[0].self_attn.kv_cache
-        return None if cache is None else (cache.k.shape[0], cache.k.shape[2])
+        return KVCache(self.config, batch, max_len, dtype or weight.dtype, weight.device)
 
     # --- forward -----------------------------------------------------------------------------------
     def embed(self, input_ids: Tensor) -> Tensor:

@@ -269,10 +269,8 @@ def _normalize_part(part: Any, i: int, j: int) -> dict[str, Any]:
     if kind not in PART_TYPES:
         raise InputError(f"message {i} part {j} has unknown type {kind!r}; "
                          f"supported: {', '.join(PART_TYPES)}")
-    key = {"image": "image", "image_url": "image_url", "video": "video", "audio": "audio",
-           "input_audio": "input_audio", "text": "text"}[kind]
-    if part.get(key) is None:
-        raise InputError(f"message {i} part {j} of type {kind!r} has no {key!r} field")
+    if part.get(kind) is None:  # OpenAI's convention: the payload sits under the type's own name
+        raise InputError(f"message {i} part {j} of type {kind!r} has no {kind!r} field")
     if kind == "text" and not isinstance(part["text"], str):
         raise InputError(f"message {i} part {j}: 'text' must be a string")
     return part

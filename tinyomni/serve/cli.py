@@ -99,7 +99,11 @@ def handler(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     options = options_from_args(args)
-    app = create_app(model, options)
+    try:
+        app = create_app(model, options)
+    except ValueError as e:  # e.g. --max-batch 0
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.host not in ("127.0.0.1", "localhost", "::1") and not options.api_key:
         print(f"warning: listening on {args.host} with no --api-key: anyone who can reach it can use it",
               file=sys.stderr)

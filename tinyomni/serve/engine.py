@@ -36,7 +36,7 @@ from torch import Tensor
 from tinyomni.api import Model
 from tinyomni.errors import ContextLengthError, TinyOmniError
 from tinyomni.generate import Completion, SamplingParams, TextStream, sample
-from tinyomni.model.decoder import CacheState
+from tinyomni.model.decoder import CacheState, KVCache
 from tinyomni.processing.chat import Prompt
 
 log = logging.getLogger("tinyomni.serve")
@@ -134,8 +134,8 @@ class Engine:
 
     def __init__(self, model: Model, max_batch: int = 8, max_context: int | None = None,
                  max_queue: int = 64) -> None:
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError("max_batch and max_queue must be >= 1")
         context = model.config.decoder.max_position_embeddings
         self.model = model
         self.max_batch = max_batch
@@ -145,18 +145,17 @@ class Engine:
         self._device = self._decoder.model.embed_tokens.weight.device
         self._eos = set(model.tokenizer.eos_token_ids)
         self._suppress = list(model.suppress_ids)
-        # queue.Queue(0) would be unbounded; a zero-length queue means "admit only into free rows".
-        self._waiting: queue.Queue[Request] = queue.Queue(max(max_queue, 1))
+        self._waiting: queue.Queue[Request] = queue.Queue(max_queue)  # bounded: a full one means "busy"
         self._rows: list[Request | None] = [None] * max_batch
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
+        self._kv: KVCache | None = None  # allocated by start(); the engine's own, not the model's
         self.steps = 0  # decode steps run, for stats and tests
         self.tokens = 0  # tokens generated
 
     # --- public ------------------------------------------------------------------------------------
     def start(self) -> Engine:
-        # The engine owns the decoder's cache from here on; nothing else may run the model meanwhile.
-        self._decoder.setup_cache(self.max_batch, self.max_context)
+        self._kv = self._decoder.new_cache(self.max_batch, self.max_context)
         self._thread = threading.Thread(target=self._run, name="tinyomni-engine", daemon=True)
         self._thread.start()
         return self
@@ -172,7 +171,7 @@ class Engine:
                 request._emit("error", EngineClosedError("the server is shutting down"))
                 self._rows[row] = None
         self._fail_waiting()
-        self._decoder.clear_cache()
+        self._kv = None
 
     def submit(self, prompt: Prompt, params: SamplingParams,
                loop: asyncio.AbstractEventLoop | None = None) -> Request:
@@ -187,8 +186,6 @@ class Engine:
                 f"the prompt is {n} tokens (media placeholders included) but this server's context is "
                 f"{self.max_context} tokens; shorten the text, use fewer images/tiles or shorter audio")
         request = Request(prompt, params, min(params.max_new_tokens, self.max_context - n), loop)
-        if self.max_queue == 0 and None not in self._rows:
-            raise QueueFullError("all rows are busy and this server keeps no waiting queue")
         try:
             self._waiting.put_nowait(request)
         except queue.Full:
@@ -202,7 +199,7 @@ class Engine:
         dec = self.model.config.decoder
         itemsize = self._decoder.model.embed_tokens.weight.element_size()
         return (2 * dec.num_hidden_layers * dec.num_key_value_heads * dec.attn_head_dim * itemsize
-                * self.max_batch * self.max_context)
+                * self.max_batch * self.max_context)  # known before start(), for the startup line
 
     def stats(self) -> dict[str, int]:
         return {"active": sum(r is not None for r in self._rows), "waiting": self._waiting.qsize(),
@@ -249,7 +246,7 @@ class Engine:
             logits, _ = self.model.model(
                 ids, pixel_values=pixels, audio_features=[a.to(device) for a in prompt.audio_features],
                 position_ids=slots[None], logits_to_keep=1,
-                cache=CacheState(slots, len(slots), rows=torch.tensor([row], device=device)))
+                cache=CacheState(self._kv, slots, len(slots), rows=torch.tensor([row], device=device)))
         except Exception as e:  # a bad media tensor must fail its own request, not the server
             log.exception("prefill failed")
             request._emit("error", e)
@@ -276,11 +273,8 @@ class Engine:
         key_valid = torch.arange(kv_len, device=device)[None, :] <= slots
         rows = torch.tensor([r.row for r in active], device=device)
         try:
-            if self._decoder.cache_size != (self.max_batch, self.max_context):
-                raise RuntimeError("the model's KV cache was replaced: while an engine serves a model, "
-                                   "nothing else may generate with it (use a second Model instance)")
             logits, _ = self._decoder(input_ids=tokens, position_ids=slots, attention_mask=key_valid,
-                                      cache=CacheState(slots, kv_len, rows=rows))
+                                      cache=CacheState(self._kv, slots, kv_len, rows=rows))
         except Exception as e:
             log.exception("decode step failed")
             for request in active:

@@ -73,7 +73,7 @@ class ServerOptions:
     top_p: float = 1.0
     max_batch: int = 8  # requests decoded together
     max_queue: int = 64  # requests waiting for a row; beyond that the server answers 503
-    max_context: int | None = 4096  # cache slots per row (None: the model's context length)
+    max_context: int | None = 2048  # cache slots per row (None: the model's context length)
     fetch_timeout: float = 10.0  # seconds for fetching one image URL
 
 
@@ -603,14 +603,4 @@ def create_app(model: Model, options: ServerOptions | None = None) -> FastAPI:
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
-
-
-def describe_limits(options: ServerOptions) -> dict[str, Any]:
-    """The limits in force, for the startup log and /health readers."""
-    return {"max_body_bytes": options.max_body_bytes, "max_image_pixels": options.max_image_pixels,
-            "max_tiles": options.max_tiles, "max_media_items": options.max_media_items,
-            "max_audio_seconds": options.max_audio_seconds, "max_tokens": options.max_tokens,
-            "max_batch": options.max_batch, "max_queue": options.max_queue,
-            "max_context": options.max_context}
-
 

@@ -100,13 +100,36 @@ class PairExample:
 
 
 def chat_example(processor: ChatProcessor, stage: StageSpec) -> Callable[[int, dict, Path | None], ChatExample]:
-    from tinyomni.world.generator import messages
-
     def make(index: int, record: dict[str, Any], root: Path | None) -> ChatExample:
-        prompt, labels = processor.training_example(messages(record, root=root), max_tiles=stage.max_tiles)
+        prompt, labels = processor.training_example(record_messages(record, root), max_tiles=stage.max_tiles)
         return ChatExample(index, prompt.input_ids, labels, prompt.pixel_values, prompt.audio_features)
 
     return make
+
+
+def record_messages(record: dict[str, Any], root: Path | None) -> list[dict[str, Any]]:
+    """Chat messages of a record: its own `messages` (any number of turns and media, OpenAI style,
+    media paths relative to the JSONL), or a task/world record's question and answer."""
+    if "messages" not in record:
+        from tinyomni.world.generator import messages
+
+        return messages(record, root=root)
+    out = []
+    for message in record["messages"]:
+        content = message.get("content")
+        if isinstance(content, list) and root is not None:
+            content = [_resolve_part(part, root) for part in content]
+        out.append({**message, "content": content})
+    return out
+
+
+def _resolve_part(part: Any, root: Path) -> Any:
+    if isinstance(part, dict):
+        for key in ("image", "video", "audio"):
+            value = part.get(key)
+            if isinstance(value, str) and not value.startswith("data:") and not Path(value).is_absolute():
+                return {**part, key: str(root / value)}
+    return part
 
 
 _INSTRUCTION = re.compile(r"\s*Answer (with|yes|left)[^.]*\.")
@@ -139,7 +162,7 @@ def pair_example(tokenizer: Tokenizer, config: Any, stage: StageSpec) -> Callabl
             if root is not None and isinstance(image, str):
                 image = str(root / image)
             v = config.vision
-            media = preprocess_image(image, image_size=v.image_size, min_tiles=1, max_tiles=1,
+            media = preprocess_image(image, image_size=stage.image_size or v.image_size, min_tiles=1, max_tiles=1,
                                      use_thumbnail=False, mean=v.image_mean, std=v.image_std)[0]
         else:
             from tinyomni.processing.audio import load_audio, log_mel_spectrogram

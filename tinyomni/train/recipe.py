@@ -90,6 +90,7 @@ class StageSpec:
     data: DataSpec = field(default_factory=DataSpec)
     # contrastive only
     tower: str = "vision"  # "vision" (images ↔ captions) or "audio" (speech ↔ transcripts)
+    image_size: int | None = None  # a smaller tile than the model's is cheaper (positions are resized)
     loss: str = "siglip"  # "siglip" (sigmoid) or "clip" (softmax)
     text_tower: TextTowerSpec = field(default_factory=TextTowerSpec)
 

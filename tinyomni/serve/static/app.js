@@ -248,6 +248,11 @@ async function send() {
     if (!r.ok) {
       let message = r.status + " " + r.statusText;
       try { const e = await r.json(); if (e.error) message = e.error.message; } catch (_) { /* not JSON */ }
+      if (r.status === 401) {  // the server wants a key: show where it goes
+        $("settings").open = true;
+        $("api-key").focus();
+        message += " (enter the API key in Settings)";
+      }
       throw new Error(message);
     }
     setStatus("");
@@ -291,7 +296,7 @@ async function send() {
     controller = null;
     setBusy(false);
     setStatus("");
-    $("prompt").focus();
+    if (!$("settings").open) $("prompt").focus();
   }
 }
 
