@@ -316,8 +316,8 @@ def test_converted_weights_must_fit_the_config() -> None:
     with pytest.raises(CheckpointError) as info:
         load_vision_state_dict(model, state)
     message = str(info.value)
-    assert "missing: post_layernorm.bias" in message
-    assert "not in the model: encoder.layers.1.mlp.fc1.weight" in message
+    assert "missing post_layernorm.bias" in message
+    assert "unexpected encoder.layers.1.mlp.fc1.weight" in message
     assert "embeddings.position_embedding.weight (checkpoint (9, 32), model (4, 32))" in message
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from tinyomni.checkpoints.native import check_state
 from tinyomni.config import VisionConfig
 from tinyomni.errors import CheckpointError, ConfigError
 from tinyomni.model.vision import VisionEncoder
@@ -341,23 +342,7 @@ def convert_hf_vision_state_dict(
 
 def load_vision_state_dict(model: VisionEncoder, state_dict: dict[str, torch.Tensor]) -> None:
     """Strictly load converted weights; a CheckpointError names every missing, extra or misshapen one."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    misshapen = sorted(
-        f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)})"
-        for k in set(expected) & set(state_dict)
-        if state_dict[k].shape != expected[k].shape
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"not in the model: {', '.join(unexpected)}")
-    if misshapen:
-        problems.append(f"wrong shape: {', '.join(misshapen)}")
-    if problems:
-        raise CheckpointError("vision weights do not fit the vision config; " + "; ".join(problems))
+    check_state(model, state_dict, "the vision checkpoint")
     model.load_state_dict(state_dict, strict=True)
 
 

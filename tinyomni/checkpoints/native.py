@@ -93,7 +93,7 @@ def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: s
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not allow_missing(k)]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+    shapes = [f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(v.shape)})" for k, v in expected.items()
               if k in state and state[k].shape != v.shape]
     problems = []
     if missing:
