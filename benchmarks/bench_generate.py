@@ -3,7 +3,9 @@
     python benchmarks/bench_generate.py                 # prompt 128 tokens, 64 new tokens, fp32 and bf16
     python benchmarks/bench_generate.py --prompt 256 --new 128 --dtypes float32
 
-Both load the same GGUF (dequantized to float). Prefill tok/s = prompt tokens / time to the first
+Both run the same dense weights: the GGUF dequantized once by tinyomni, loaded into tinyomni's decoder
+and into transformers' `LlamaForCausalLM` (transformers' own GGUF loader would keep the weights packed
+and run its dequantizing kernels, a different engine). Prefill tok/s = prompt tokens / time to the first
 token; decode tok/s = (new tokens - 1) / time after it. Each number is the median of --repeats runs.
 """
 
@@ -19,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 import tinyomni
-from tinyomni.checkpoints.gguf import smollm2_gguf_path
+from tinyomni.api import load_base_decoder
 from tinyomni.generate import Generation, SamplingParams
 from tinyomni.processing.chat import Prompt
 
@@ -57,6 +59,24 @@ def time_transformers(model, ids: list[int], new: int) -> tuple[float, float]:
     return len(ids) / (first - start), (new - 1) / (end - first)
 
 
+def transformers_llama():
+    """transformers' LlamaForCausalLM holding exactly the weights tinyomni decodes with."""
+    import transformers
+
+    base = load_base_decoder("smollm2")
+    c = base.config
+    config = transformers.LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=c.tie_word_embeddings,
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id)
+    model = transformers.LlamaForCausalLM(config)
+    model.load_state_dict(base.state, strict=False)
+    model.tie_weights()
+    return model.eval()
+
+
 def median_rates(fn, repeats: int) -> tuple[float, float]:
     fn()  # warm-up: allocations, oneDNN kernel selection
     runs = [fn() for _ in range(repeats)]
@@ -88,11 +108,7 @@ def main() -> None:
             table.add_row(dtype_name, "tinyomni", f"{our_rates[0]:.0f}", f"{our_rates[1]:.1f}", "", "")
             continue
         with console.status(f"transformers {dtype_name}"):
-            import transformers
-
-            path = smollm2_gguf_path()
-            theirs = transformers.AutoModelForCausalLM.from_pretrained(
-                str(path.parent), gguf_file=path.name, dtype=dtype).eval()
+            theirs = transformers_llama().to(dtype)
             their_rates = median_rates(functools.partial(time_transformers, theirs, ids, args.new), args.repeats)
             del theirs
         table.add_row(dtype_name, "transformers", f"{their_rates[0]:.0f}", f"{their_rates[1]:.1f}", "1.00", "1.00")

@@ -1,4 +1,4 @@
-"""The `tinyomni` command: chat | info, plus world | eval | serve from their own packages.
+"""The `tinyomni` command: chat | info, plus world | train | eval | serve from their own packages.
 
     tinyomni chat "What is the capital of France?"
     tinyomni chat --image photo.jpg --audio question.wav "Answer the question about the picture."
@@ -55,9 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     # Each of these lives with the code it drives; a missing one is a broken install, not optional.
     from tinyomni.eval import cli as eval_cli
     from tinyomni.serve import cli as serve_cli
+    from tinyomni.train import cli as train_cli
     from tinyomni.world import cli as world_cli
 
     world_cli.register(sub)
+    train_cli.register(sub)
     eval_cli.register(sub)
     serve_cli.register(sub)
     return parser
