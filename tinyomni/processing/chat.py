@@ -5,6 +5,9 @@ Messages are OpenAI-style: `{"role": ..., "content": str | [parts]}` with parts 
 chat template (the checkpoint's own jinja, or ChatML) is rendered, and each marker is replaced by
 its placeholder run `<img><IMG_CONTEXT>×N</img>` (or the audio equivalent) directly as token ids,
 so the counts always match what the encoders will produce. Training and inference both use this.
+
+A media string may be a local path, base64 or a data URL, and a path is read: pass strings from
+untrusted clients only after checking them (the server in `tinyomni.serve` decodes them itself).
 """
 
 from __future__ import annotations
