@@ -60,6 +60,8 @@ class Model:
         # True when the decoder no longer equals its base (a LoRA adapter merged at load): saving then
         # stores the decoder, since a reference to the base alone would silently drop the adapter.
         self.decoder_modified = False
+        # False for a model whose encoders were just initialised (e.g. "smollm2"): it cannot see or hear.
+        self.encoders_trained = True
         self.processor = ChatProcessor(tokenizer, model.config, chat_template)
         self.chat_template = self.processor.chat_template
         model.image_token_id = self.processor.image_context_id
@@ -226,7 +228,9 @@ def from_base_decoder(spec: str, vision: VisionConfig | None = None, audio: Audi
     with _seeded(seed):
         model = OmniModel(config)
     _load_decoder_weights(model, base, added_rows=None)
-    return Model(model, tokenizer, base.chat_template, name=spec)
+    built = Model(model, tokenizer, base.chat_template, name=spec)
+    built.encoders_trained = False
+    return built
 
 
 def tiny_random_model(seed: int = 0, vocab_from: str = "smollm2") -> Model:

@@ -106,6 +106,11 @@ def media_parts(images: list[str], videos: list[str], audios: list[str]) -> list
 
 def stream_answer(model, messages: list[dict[str, Any]], args: argparse.Namespace) -> str:
     sampling = sampling_from_args(args)
+    has_media = any(isinstance(m["content"], list) and any(p["type"] != "text" for p in m["content"])
+                    for m in messages)
+    if has_media and not model.encoders_trained:
+        print(f"note: {model.name}'s image and audio encoders are untrained, so answers about media are "
+              "not meaningful; use a trained checkpoint with --model", file=sys.stderr)
     if args.no_stream:
         text = model.chat(messages, max_tiles=args.max_tiles, **sampling)
         print(text)
