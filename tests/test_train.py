@@ -6,6 +6,7 @@ Every run uses the tiny random model, saved once as a checkpoint so subprocesses
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -129,6 +130,39 @@ def test_data_order_splits_across_processes_and_buckets():
     assert window == list(range(8))
     # Two processes together see each window's samples exactly once.
     assert sorted(i for r in (0, 1) for s in (0, 1) for i in indices(r, 2, s)) == list(range(8))
+
+
+def test_hard_negative_captions_change_one_object_and_count_only_as_negatives(tiny):
+    from tinyomni import world
+    from tinyomni.train.contrastive import ContrastiveModule
+    from tinyomni.train.data import collate_pairs, hard_negative_captions, pair_example
+    from tinyomni.train.recipe import TextTowerSpec
+
+    records = [world.to_record(world.make_sample("caption", i, "train", 0)) for i in range(3)]
+    records.append(world.to_record(world.make_sample("color", 0, "train", 0)))
+    truth = records[0]["answers"][0]
+    negatives = hard_negative_captions(records[0], 4, "seed")
+    assert negatives == hard_negative_captions(records[0], 4, "seed")  # a function of the seed
+    for text in negatives:
+        a, b = truth.rstrip(".").split(), text.rstrip(".").split()
+        assert len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 1
+    assert hard_negative_captions(records[3], 2, "seed") == [None, None]
+
+    stage = StageSpec(kind="contrastive", hard_negatives=2, text_tower=TextTowerSpec(hidden_size=32, layers=1,
+                                                                                   heads=2, embed_dim=16))
+    make = pair_example(tiny.tokenizer, tiny.config, stage)
+    batch = collate_pairs([make(i, r, None) for i, r in enumerate(records)], pad_id=0)
+    assert batch.text_ids.shape[0] == 4 + 4 * 2 and batch.texts[4:6] != [None, None]
+    assert batch.texts[-2:] == [None, None]
+    torch.manual_seed(0)
+    for loss in ("siglip", "clip"):
+        module = ContrastiveModule(tiny.model.vision_tower, tiny.config.vision.hidden_size, "vision",
+                                   len(tiny.tokenizer), stage.text_tower, loss)
+        with_negatives = module(batch)
+        plain = module(collate_pairs([dataclasses.replace(make(i, r, None), negative_ids=[], negatives=[])
+                                      for i, r in enumerate(records)], pad_id=0))
+        assert torch.isfinite(with_negatives) and with_negatives > plain  # more negatives, more loss
+        with_negatives.backward()
 
 
 def test_recipe_rejects_typos_and_takes_overrides(tmp_path):

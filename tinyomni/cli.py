@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="checkpoint directory, 'smollm2', a .gguf file, a HF directory or hub id "
-                             "(default: the reference model)")
+                        help="'tinyomni-world' (the reference model, default), a checkpoint directory, "
+                             "'smollm2' (untrained encoders), a .gguf file, a HF directory or a hub id")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="weights and activations (bfloat16 is faster on CPUs with AMX/AVX-512-BF16)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -61,6 +61,24 @@ def save_weights(directory: Path, state: dict[str, torch.Tensor], name: str = WE
               metadata={"format": "pt", "producer": "tinyomni"})
 
 
+def copy_checkpoint(source: str | Path, dest: str | Path, weights_dtype: torch.dtype | None = None) -> Path:
+    """Copy a checkpoint directory (atomically), optionally storing its floating-point weights in
+    `weights_dtype` (float16 halves the size; loading casts back). How a trained model is shipped."""
+    source = Path(source)
+    read_config(source)
+
+    def write(tmp: Path) -> None:
+        for file in sorted(source.iterdir()):
+            if file.suffix == ".safetensors" and weights_dtype is not None:
+                state = read_weights(source, file.name)
+                save_weights(tmp, {k: v.to(weights_dtype) if v.is_floating_point() else v
+                                   for k, v in state.items()}, file.name)
+            elif file.is_file():
+                shutil.copy2(file, tmp / file.name)
+
+    return atomic_directory(dest, write)
+
+
 def read_config(path: Path) -> OmniConfig:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")

@@ -5,6 +5,9 @@ defined over a whole set (POPE's precision/recall, MME's acc+, corpus WER, circu
 are computed by `summarize(metric, rows)` from the per-item prediction rows the runner writes.
 
 - exact_match: EvalAI (VQA) answer normalisation on both sides, then equality with any answer.
+- contains: the same normalisation, then any answer occurring as whole words inside the prediction
+  (for chat models that answer "The capital of France is Paris." to "Paris"); lenient, so use it
+  for open questions with one short answer, never for yes/no or numbers that could appear by chance.
 - vqa: VQA soft accuracy: the mean over the leave-one-out subsets of the human answers of
   min(1, #matches / 3) (the official vqaEval.py); one answer falls back to exact_match.
 - anls: ST-VQA / DocVQA average normalised Levenshtein similarity, threshold 0.5.
@@ -92,6 +95,11 @@ def normalize_answer(text: str) -> str:
 def exact_match(prediction: str, answers: Sequence[str]) -> float:
     p = normalize_answer(prediction)
     return float(any(p == normalize_answer(a) for a in answers))
+
+
+def contains(prediction: str, answers: Sequence[str]) -> float:
+    p = f" {normalize_answer(prediction)} "
+    return float(any(a and f" {a} " in p for a in (normalize_answer(x) for x in answers)))
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
@@ -313,6 +321,7 @@ def _item_error_score(errors: Callable[[str, str], tuple[int, int]]) -> Callable
 # Per-item scores, all in [0, 1]: (prediction, answers, choices) -> score.
 METRICS: dict[str, Callable[..., float]] = {
     "exact_match": lambda p, a, c=None: exact_match(p, a),
+    "contains": lambda p, a, c=None: contains(p, a),
     "vqa": lambda p, a, c=None: vqa_accuracy(p, a),
     "anls": lambda p, a, c=None: anls(p, a),
     "relaxed": lambda p, a, c=None: relaxed_accuracy(p, a),

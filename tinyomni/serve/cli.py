@@ -24,8 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="OpenAI-compatible server and web chat page",
                               description="Serve one model over an OpenAI-compatible HTTP API (/v1/chat/"
                                           "completions, /v1/models, /health) with a chat page at /.")
-    p.add_argument("--model", default=None, help="checkpoint directory, 'smollm2', a .gguf file, a HF "
-                   "directory or a hub id (default: the default model)")
+    p.add_argument("--model", default=None, help="'tinyomni-world' (default), a checkpoint directory, "
+                   "'smollm2', a .gguf file, a HF directory or a hub id")
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients pass (default: from --model)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],

@@ -82,20 +82,30 @@ class ContrastiveModule(nn.Module):
     def forward(self, batch: PairBatch) -> Tensor:
         media, text = self.embed_media(batch), self.embed_text(batch)
         texts = batch.texts
+        n = media.shape[0]
+        own = list(texts[:n])  # each sample's own text; the rest are hard negatives (None: no negative)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # Negatives from every process: the loss is that of the whole global batch on each rank.
             media, text = GatherRows.apply(media), GatherRows.apply(text)
-            gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
-            dist.all_gather_object(gathered, texts)
-            texts = [t for part in gathered for t in part]
-        same = torch.tensor([[a == b for b in texts] for a in texts], device=media.device)
+            gathered: list[list[str | None]] = [[] for _ in range(dist.get_world_size())]
+            dist.all_gather_object(gathered, [own, texts])
+            own = [t for part in gathered for t in part[0]]
+            texts = [t for part in gathered for t in part[1]]
+        # Positives are found by text, not by position, so gathered rows need no bookkeeping.
+        keep = torch.tensor([t is not None for t in texts], device=media.device)
+        text, texts = text[keep], [t for t in texts if t is not None]
+        same = torch.tensor([[a == b for b in texts] for a in own], device=media.device)
         logits = media @ text.T * self.logit_scale.exp()
         if self.loss_kind == "siglip":
             signs = same.float() * 2 - 1
-            return -F.logsigmoid(signs * (logits + self.logit_bias)).sum() / len(texts)
-        targets = same.float() / same.sum(1, keepdim=True)
-        # `same` is symmetric, so the text-to-media targets are the same rows.
-        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+            return -F.logsigmoid(signs * (logits + self.logit_bias)).sum() / len(own)
+        # CLIP: images against every text (hard negatives included), texts that belong to some image
+        # against the images.
+        image_to_text = F.cross_entropy(logits, same.float() / same.sum(1, keepdim=True))
+        owned = same.any(0)
+        to_image = same.T[owned].float()
+        text_to_image = F.cross_entropy(logits.T[owned], to_image / to_image.sum(1, keepdim=True))
+        return (image_to_text + text_to_image) / 2
 
 
 class GatherRows(torch.autograd.Function):

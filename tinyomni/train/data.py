@@ -87,12 +87,15 @@ class ChatExample:
 
 @dataclass
 class PairExample:
-    """A contrastive pair: one image tile [3, S, S] or one clip's log-mel [n_mels, frames], and a text."""
+    """A contrastive pair: one image tile [3, S, S] or one clip's log-mel [n_mels, frames], and a text;
+    plus `stage.hard_negatives` extra negative texts (None where the record has none to make)."""
 
     index: int
     media: Tensor
     text_ids: list[int]
     text: str
+    negative_ids: list[list[int]] = field(default_factory=list)
+    negatives: list[str | None] = field(default_factory=list)
 
     @property
     def length(self) -> int:
@@ -146,6 +149,30 @@ def pair_text(record: dict[str, Any]) -> str:
     return f"{_INSTRUCTION.sub('', record['question']).strip()} {answer}"
 
 
+def hard_negative_captions(record: dict[str, Any], k: int, seed: str) -> list[str | None]:
+    """`k` captions of a world caption record's scene, each with one object changed: its shape (most
+    often), colour or size. Only the changed object tells one from the true caption, so matching it
+    takes seeing every object (NegCLIP-style hard negatives). None for records that are not captions."""
+    from tinyomni.world.render import COLORS, SHAPES, SIZES
+
+    objects = (record.get("meta") or {}).get("objects")
+    if record.get("task") != "caption" or not objects:
+        return [None] * k
+    rng = random.Random(seed)
+    choices = {"shape": list(SHAPES), "color": list(COLORS), "size": list(SIZES)}
+    ordered = sorted(objects, key=lambda o: o["x"])
+    out = []
+    for _ in range(k):
+        changed = [dict(o) for o in ordered]
+        target = rng.choice(changed)
+        attribute = rng.choice(["shape", "shape", "shape", "color", "size"])
+        target[attribute] = rng.choice([v for v in choices[attribute] if v != target[attribute]])
+        names = [f"a {o['size']} {o['color']} {o['shape']}" for o in changed]
+        text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        out.append(text[0].upper() + text[1:] + ".")
+    return out
+
+
 def pair_example(tokenizer: Tokenizer, config: Any, stage: StageSpec) -> Callable[[int, dict, Path | None],
                                                                                   PairExample]:
     """Builds PairExamples for `stage.tower`; `config` is the model's OmniConfig."""
@@ -153,6 +180,11 @@ def pair_example(tokenizer: Tokenizer, config: Any, stage: StageSpec) -> Callabl
     def make(index: int, record: dict[str, Any], root: Path | None) -> PairExample:
         text = pair_text(record)
         ids = tokenizer.encode_piece(text)[: stage.text_tower.max_length]
+        negatives = hard_negative_captions(record, stage.hard_negatives,
+                                           f"tinyomni-negatives/{stage.data.seed}/{stage.name}/{index}")
+        # A record without negatives repeats its own text in those rows; the loss ignores them.
+        negative_ids = [tokenizer.encode_piece(t)[: stage.text_tower.max_length] if t is not None else ids
+                        for t in negatives]
         if stage.tower == "vision":
             from tinyomni.processing.image import preprocess_image
 
@@ -173,7 +205,7 @@ def pair_example(tokenizer: Tokenizer, config: Any, stage: StageSpec) -> Callabl
             if root is not None and isinstance(audio, str):
                 audio = str(root / audio)
             media = log_mel_spectrogram(load_audio(audio), n_mels=config.audio.num_mel_bins)
-        return PairExample(index, media, ids, text)
+        return PairExample(index, media, ids, text, negative_ids, negatives)
 
     return make
 
@@ -199,9 +231,9 @@ class ChatBatch:
 class PairBatch:
     media: Tensor  # [B, 3, S, S] or [B, n_mels, frames] (right-padded)
     media_mask: Tensor | None  # [B, frames] for audio
-    text_ids: Tensor  # [B, L]
-    text_mask: Tensor  # [B, L]
-    texts: list[str]
+    text_ids: Tensor  # [B + B·k, L]: each sample's text, then the k hard negatives of every sample
+    text_mask: Tensor  # [B + B·k, L]
+    texts: list[str | None]  # one per text row; None marks a negative row that does not count
     samples: int
     indices: list[int] = field(default_factory=list)
 
@@ -219,12 +251,14 @@ def collate_chat(examples: list[ChatExample], pad_id: int) -> ChatBatch:
 
 
 def collate_pairs(examples: list[PairExample], pad_id: int) -> PairBatch:
-    L = max(len(e.text_ids) for e in examples)
-    text = torch.full((len(examples), L), pad_id, dtype=torch.long)
-    text_mask = torch.zeros(len(examples), L, dtype=torch.bool)
-    for i, e in enumerate(examples):
-        text[i, : len(e.text_ids)] = torch.tensor(e.text_ids)
-        text_mask[i, : len(e.text_ids)] = True
+    rows = [e.text_ids for e in examples] + [ids for e in examples for ids in e.negative_ids]
+    texts = [e.text for e in examples] + [t for e in examples for t in e.negatives]
+    L = max(len(ids) for ids in rows)
+    text = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    text_mask = torch.zeros(len(rows), L, dtype=torch.bool)
+    for i, ids in enumerate(rows):
+        text[i, : len(ids)] = torch.tensor(ids)
+        text_mask[i, : len(ids)] = True
     media_mask = None
     if examples[0].media.dim() == 2:  # audio: right-pad the frames, and say which are real
         frames = max(e.media.shape[-1] for e in examples)
@@ -236,8 +270,7 @@ def collate_pairs(examples: list[PairExample], pad_id: int) -> PairBatch:
             media_mask[i, : e.media.shape[-1]] = True
     else:
         media = torch.stack([e.media for e in examples])
-    return PairBatch(media, media_mask, text, text_mask, [e.text for e in examples], len(examples),
-                     [e.index for e in examples])
+    return PairBatch(media, media_mask, text, text_mask, texts, len(examples), [e.index for e in examples])
 
 
 class StageBatches(torch.utils.data.IterableDataset):

@@ -92,6 +92,9 @@ class StageSpec:
     tower: str = "vision"  # "vision" (images ↔ captions) or "audio" (speech ↔ transcripts)
     image_size: int | None = None  # a smaller tile than the model's is cheaper (positions are resized)
     loss: str = "siglip"  # "siglip" (sigmoid) or "clip" (softmax)
+    # Per world caption, this many extra negative captions of the same scene with one object changed
+    # (shape, colour or size): in-batch negatives are told apart by colour alone, these are not.
+    hard_negatives: int = 0
     text_tower: TextTowerSpec = field(default_factory=TextTowerSpec)
 
     def validate(self, where: str) -> None:
@@ -100,6 +103,7 @@ class StageSpec:
         _require(self.tower in ("vision", "audio"), f"{where}.tower must be vision or audio")
         _require(self.loss in ("siglip", "clip"), f"{where}.loss must be siglip or clip")
         _require(self.bucket_batches >= 1, f"{where}.bucket_batches must be >= 1")
+        _require(self.hard_negatives >= 0, f"{where}.hard_negatives must be >= 0")
         if self.kind == "sft":
             _require(bool(self.train) or self.lora is not None, f"{where}: say what trains (train = [...] or lora)")
 

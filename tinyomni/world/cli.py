@@ -13,7 +13,7 @@ from rich.table import Table
 
 from tinyomni.errors import InputError
 from tinyomni.world.bench import BENCH_N, BENCH_NAME, write_bench
-from tinyomni.world.generator import DifficultySpec, generate, resolve_skills
+from tinyomni.world.generator import DifficultySpec, generate, make_sample, resolve_skills
 from tinyomni.world.preview import write_preview
 from tinyomni.world.sample import Difficulty
 from tinyomni.world.skills import SKILLS
@@ -37,6 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prev.add_argument("--out", "-o", default="world_preview.png", help="a .png or .html path")
     _common(prev, n_default=1, n_help="samples per skill")
     prev.add_argument("--columns", type=int, default=4)
+    prev.add_argument("--predictions", help="an eval's predictions.jsonl on world samples: show those samples "
+                      "(the first --n per skill) with what the model said, green if right, red if wrong")
     _knobs(prev)
     prev.set_defaults(func=_preview)
 
@@ -99,7 +101,33 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def predicted_samples(path: str, n: int, skills: str | None = None) -> tuple[list, list[tuple[str, bool]]]:
+    """The world samples an eval scored (rebuilt from their ids, default difficulty) with (prediction,
+    correct) for each: the first `n` of every skill in the file."""
+    from tinyomni.world.writers import read_records
+
+    wanted = None if skills in (None, "all") else set(resolve_skills(skills))
+    samples, said, per_skill = [], [], {}
+    for row in read_records(Path(path)):
+        try:
+            skill, split, seed, index = str(row["id"]).rsplit("-", 3)
+            sample = make_sample(skill, int(index), split, int(seed.removeprefix("s")))
+        except (KeyError, ValueError, InputError):
+            raise InputError(f"{path}: {row.get('id')!r} is not the id of a world sample") from None
+        if (wanted is not None and skill not in wanted) or per_skill.get(skill, 0) >= n:
+            continue
+        per_skill[skill] = per_skill.get(skill, 0) + 1
+        samples.append(sample)
+        said.append((str(row.get("prediction", "")), float(row.get("score", 0.0)) >= 0.5))
+    return samples, said
+
+
 def _preview(args: argparse.Namespace) -> int:
+    if args.predictions:
+        samples, said = predicted_samples(args.predictions, args.n, args.skills)
+        path = write_preview(samples, args.out, columns=args.columns, predictions=said)
+        Console().print(f"wrote {len(samples)} samples with their predictions to {path}")
+        return 0
     samples = list(generate(args.skills, n=args.n, split=args.split, seed=args.seed,
                             difficulty=difficulty_from_args(args)))
     path = write_preview(samples, args.out, columns=args.columns)

@@ -25,8 +25,10 @@ TEXT_H = 128  # text area below the media
 PAD = 8
 
 
-def contact_sheet(samples: list[Sample], columns: int = 4) -> Image.Image:
-    """One PNG-ready image with a cell per sample."""
+def contact_sheet(samples: list[Sample], columns: int = 4, predictions: list[tuple[str, bool]] | None = None,
+                  ) -> Image.Image:
+    """One PNG-ready image with a cell per sample; with `predictions` ((answer, correct) per sample),
+    each cell also shows what a model said, green when right and red when wrong."""
     rows = max(1, -(-len(samples) // columns))
     width, height = CELL + 2 * PAD, CELL + TEXT_H + 2 * PAD
     sheet = Image.new("RGB", (columns * width, rows * height), (255, 255, 255))
@@ -35,7 +37,7 @@ def contact_sheet(samples: list[Sample], columns: int = 4) -> Image.Image:
         x, y = (k % columns) * width + PAD, (k // columns) * height + PAD
         sheet.paste(media_thumbnail(sample), (x, y))
         draw.rectangle([x - 1, y - 1, x + CELL, y + CELL], outline=(200, 200, 200))
-        _caption(draw, sample, x, y + CELL + 4, CELL)
+        _caption(draw, sample, x, y + CELL + 4, CELL, predictions[k] if predictions else None)
     return sheet
 
 
@@ -84,7 +86,8 @@ def _waveform(draw: ImageDraw.ImageDraw, audio: np.ndarray, x: int, y: int, w: i
     draw.text((x + 3, y + 2), f"audio {audio.size / 16000:.1f} s", fill=(20, 20, 20), font=ui_font(10))
 
 
-def _caption(draw: ImageDraw.ImageDraw, sample: Sample, x: int, y: int, width: int) -> None:
+def _caption(draw: ImageDraw.ImageDraw, sample: Sample, x: int, y: int, width: int,
+             prediction: tuple[str, bool] | None = None) -> None:
     bold, body = ui_font(11, bold=True), ui_font(10)
     draw.text((x, y), f"{sample.skill}  [{sample.split}]", fill=(30, 30, 140), font=bold)
     y += 15
@@ -94,7 +97,8 @@ def _caption(draw: ImageDraw.ImageDraw, sample: Sample, x: int, y: int, width: i
     if sample.choices:
         lines += _wrap("  ".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(sample.choices)), body, width)
     answer = _wrap(f"A: {sample.answer}", bold, width)
-    room = (TEXT_H - 20) // 12 - len(answer)
+    said = _wrap(f"model: {prediction[0]}", bold, width)[:2] if prediction else []
+    room = (TEXT_H - 20) // 12 - len(answer) - len(said)
     if len(lines) > room:
         lines = lines[: max(room, 1)]
         lines[-1] = lines[-1][:-1] + "…"
@@ -103,6 +107,9 @@ def _caption(draw: ImageDraw.ImageDraw, sample: Sample, x: int, y: int, width: i
         y += 12
     for line in answer:
         draw.text((x, y), line, fill=(0, 120, 40), font=bold)
+        y += 12
+    for line in said:
+        draw.text((x, y), line, fill=(0, 120, 40) if prediction[1] else (200, 30, 30), font=bold)
         y += 12
 
 
@@ -114,14 +121,15 @@ def _wrap(text: str, font, width: int) -> list[str]:
     return out
 
 
-def write_preview(samples: list[Sample], path: str | Path, columns: int = 4) -> Path:
+def write_preview(samples: list[Sample], path: str | Path, columns: int = 4,
+                  predictions: list[tuple[str, bool]] | None = None) -> Path:
     """Write a PNG contact sheet, or an HTML page (playable audio) when the path ends in .html."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() in (".html", ".htm"):
         path.write_text(preview_html(samples), encoding="utf-8")
     else:
-        path.write_bytes(png_bytes(contact_sheet(samples, columns)))
+        path.write_bytes(png_bytes(contact_sheet(samples, columns, predictions)))
     return path
 
 
