@@ -189,6 +189,7 @@ class Model:
             facts["tile_size"] = config.vision.image_size
             facts["tokens_per_tile"] = config.image_tokens_per_tile
             facts["max_tiles"] = config.max_tiles
+            facts["use_thumbnail"] = config.use_thumbnail
             if image_size is not None:
                 tiles = count_tiles(image_size[0], image_size[1], config.vision.image_size, config.min_tiles,
                                     config.max_tiles, config.use_thumbnail)

@@ -202,7 +202,8 @@ def run_info(args: argparse.Namespace) -> int:
     table.add_row("dtype", facts["dtype"])
     if "tile_size" in facts:
         table.add_row("image tile", f"{facts['tile_size']} px, {facts['tokens_per_tile']} tokens")
-        table.add_row("max tiles per image", f"{facts['max_tiles']} (+ thumbnail)")
+        thumbnail = " (+ a thumbnail when tiled)" if facts["use_thumbnail"] else ""
+        table.add_row("max tiles per image", f"{facts['max_tiles']}{thumbnail}")
     if "image" in facts:
         image = facts["image"]
         table.add_row(f"image {image['size'][0]}x{image['size'][1]}",
