@@ -153,24 +153,21 @@ class Model:
         # LoRA layers (see model/lora.py) are kept apart as an adapter, so a base decoder stays a reference.
         adapter = lora.adapter_config(self.model)
         adapter_state = {k: state.pop(k) for k in list(state) if lora.is_lora_key(k)}
-        if weights_dtype is not None:
-            cast = _dtype(weights_dtype)
-            state, adapter_state = ({k: v.to(cast) if v.is_floating_point() else v for k, v in d.items()}
-                                    for d in (state, adapter_state))
         if not store_decoder:
             if config.base_decoder is None:
                 raise InputError("store_decoder=False needs config.base_decoder to say where the decoder comes from")
             state = native.split_decoder(state, load_base_decoder(config.base_decoder).config.vocab_size)
         saved_config = dataclasses.replace(config, base_decoder=None if store_decoder else config.base_decoder)
+        cast = None if weights_dtype is None else _dtype(weights_dtype)
 
         def write(tmp: Path) -> None:
             saved_config.save(tmp / native.CONFIG_FILE)
-            native.save_weights(tmp, state)
+            native.save_weights(tmp, state, dtype=cast)
             self.tokenizer.save(tmp)
             (tmp / native.TEMPLATE_FILE).write_text(self.chat_template)
             if adapter is not None:
                 (tmp / lora.ADAPTER_CONFIG).write_text(json.dumps(adapter, indent=2) + "\n")
-                native.save_weights(tmp, adapter_state, lora.ADAPTER_WEIGHTS)
+                native.save_weights(tmp, adapter_state, lora.ADAPTER_WEIGHTS, dtype=cast)
 
         return native.atomic_directory(path, write)
 
@@ -215,15 +212,15 @@ def load(path_or_id: str | Path | None = None, device: str | torch.device = "cpu
     spec = str(path_or_id or DEFAULT_MODEL)
     dtype = _dtype(dtype)
     path = Path(spec).expanduser()
-    if spec == REFERENCE_MODEL and not path.exists():
-        if not (REFERENCE_MODEL_DIR / native.CONFIG_FILE).is_file():
-            raise CheckpointError(f"the reference model is missing from this installation ({REFERENCE_MODEL_DIR}); "
+    if spec == REFERENCE_MODEL and not path.exists():  # a folder of that name would win
+        path = REFERENCE_MODEL_DIR
+        if not (path / native.CONFIG_FILE).is_file():
+            raise CheckpointError(f"the reference model is missing from this installation ({path}); "
                                   "reinstall tinyomni, or train it: tinyomni train recipes/tinyomni-world.toml")
-        model = _load_native(REFERENCE_MODEL_DIR)
-        model.name = REFERENCE_MODEL
-        return model.to(device, dtype)
     if path.is_dir() and (path / native.CONFIG_FILE).is_file() and _model_type(path) == "tinyomni":
         model = _load_native(path)
+        if path == REFERENCE_MODEL_DIR:
+            model.name = REFERENCE_MODEL
     elif spec == "smollm2" or spec.endswith(".gguf") or path.is_dir():
         model = from_base_decoder(spec)
     elif spec.count("/") == 1 and not path.exists():

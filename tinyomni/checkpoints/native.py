@@ -55,7 +55,11 @@ def atomic_directory(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def save_weights(directory: Path, state: dict[str, torch.Tensor], name: str = WEIGHTS_FILE) -> None:
+def save_weights(directory: Path, state: dict[str, torch.Tensor], name: str = WEIGHTS_FILE,
+                 dtype: torch.dtype | None = None) -> None:
+    """Write `state`; with `dtype` (e.g. float16, half the size) its floating-point tensors in that type."""
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     # safetensors refuses shared storage (tied weights); contiguous copies are what it stores anyway.
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(directory / name),
               metadata={"format": "pt", "producer": "tinyomni"})
@@ -70,9 +74,7 @@ def copy_checkpoint(source: str | Path, dest: str | Path, weights_dtype: torch.d
     def write(tmp: Path) -> None:
         for file in sorted(source.iterdir()):
             if file.suffix == ".safetensors" and weights_dtype is not None:
-                state = read_weights(source, file.name)
-                save_weights(tmp, {k: v.to(weights_dtype) if v.is_floating_point() else v
-                                   for k, v in state.items()}, file.name)
+                save_weights(tmp, read_weights(source, file.name), file.name, weights_dtype)
             elif file.is_file():
                 shutil.copy2(file, tmp / file.name)
 

@@ -154,6 +154,7 @@ def hard_negative_captions(record: dict[str, Any], k: int, seed: str) -> list[st
     often), colour or size. Only the changed object tells one from the true caption, so matching it
     takes seeing every object (NegCLIP-style hard negatives). None for records that are not captions."""
     from tinyomni.world.render import COLORS, SHAPES, SIZES
+    from tinyomni.world.skills import caption_text
 
     objects = (record.get("meta") or {}).get("objects")
     if record.get("task") != "caption" or not objects:
@@ -167,9 +168,7 @@ def hard_negative_captions(record: dict[str, Any], k: int, seed: str) -> list[st
         target = rng.choice(changed)
         attribute = rng.choice(["shape", "shape", "shape", "color", "size"])
         target[attribute] = rng.choice([v for v in choices[attribute] if v != target[attribute]])
-        names = [f"a {o['size']} {o['color']} {o['shape']}" for o in changed]
-        text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-        out.append(text[0].upper() + text[1:] + ".")
+        out.append(caption_text([(o["size"], o["color"], o["shape"]) for o in changed]))
     return out
 
 

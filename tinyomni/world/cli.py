@@ -13,7 +13,7 @@ from rich.table import Table
 
 from tinyomni.errors import InputError
 from tinyomni.world.bench import BENCH_N, BENCH_NAME, write_bench
-from tinyomni.world.generator import DifficultySpec, generate, make_sample, resolve_skills
+from tinyomni.world.generator import DifficultySpec, generate, make_sample, parse_sample_id, resolve_skills
 from tinyomni.world.preview import write_preview
 from tinyomni.world.sample import Difficulty
 from tinyomni.world.skills import SKILLS
@@ -102,22 +102,21 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def predicted_samples(path: str, n: int, skills: str | None = None) -> tuple[list, list[tuple[str, bool]]]:
-    """The world samples an eval scored (rebuilt from their ids, default difficulty) with (prediction,
-    correct) for each: the first `n` of every skill in the file."""
+    """The world samples an eval scored (made again from their ids, default difficulty) with
+    (prediction, correct) for each: the first `n` of every skill in the file."""
     from tinyomni.world.writers import read_records
 
     wanted = None if skills in (None, "all") else set(resolve_skills(skills))
     samples, said, per_skill = [], [], {}
     for row in read_records(Path(path)):
         try:
-            skill, split, seed, index = str(row["id"]).rsplit("-", 3)
-            sample = make_sample(skill, int(index), split, int(seed.removeprefix("s")))
-        except (KeyError, ValueError, InputError):
-            raise InputError(f"{path}: {row.get('id')!r} is not the id of a world sample") from None
+            skill, index, split, seed = parse_sample_id(str(row.get("id")))
+        except InputError as e:
+            raise InputError(f"{path}: {e}") from None
         if (wanted is not None and skill not in wanted) or per_skill.get(skill, 0) >= n:
             continue
         per_skill[skill] = per_skill.get(skill, 0) + 1
-        samples.append(sample)
+        samples.append(make_sample(skill, index, split, seed))
         said.append((str(row.get("prediction", "")), float(row.get("score", 0.0)) >= 0.5))
     return samples, said
 

@@ -53,9 +53,26 @@ def make_sample(skill: str, index: int, split: str = "train", seed: int = 0,
     d = difficulty_for(skill, difficulty)
     d.validate()
     sample = SKILLS[skill](sample_rng(seed, split, skill, index), split, d)
-    sample.id = f"{skill}-{split}-s{seed}-{index:06d}"
+    sample.id = sample_id(skill, index, split, seed)
     sample.skill, sample.split = skill, split
     return sample
+
+
+def sample_id(skill: str, index: int, split: str, seed: int) -> str:
+    return f"{skill}-{split}-s{seed}-{index:06d}"
+
+
+def parse_sample_id(text: str) -> tuple[str, int, str, int]:
+    """(skill, index, split, seed) of a sample id, so a scored sample can be made again; InputError if
+    it is not a world sample's id."""
+    try:
+        skill, split, seed, index = text.rsplit("-", 3)
+        parsed = skill, int(index), split, int(seed.removeprefix("s"))
+    except ValueError:
+        parsed = None
+    if parsed is None or sample_id(*parsed) != text or skill not in SKILLS:
+        raise InputError(f"{text!r} is not the id of a world sample")
+    return parsed
 
 
 def generate(skills: Sequence[str] | str | None = None, n: int = 10, split: str = "train", seed: int = 0,

@@ -241,12 +241,18 @@ def caption(rng: random.Random, split: str, d: Difficulty) -> Sample:
     first = rng.choice(target_pairs(split))
     chosen = [first] + _distinct_pairs(rng, split, n - 1, {first})
     image, objects = _scene(rng, d, [(s, c, _size(rng)) for c, s in chosen])
-    names = [f"a {o.size} {o.color} {o.shape}" for o in sorted(objects, key=lambda o: o.x)]
-    text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    text = caption_text([(o.size, o.color, o.shape) for o in sorted(objects, key=lambda o: o.x)])
     q = rng.choice(["Describe the objects in the image from left to right.",
                     "List the objects in the image from left to right, with their size, color and shape."])
-    return Sample(q, text[0].upper() + text[1:] + ".", "f1", images=[image],
-                  meta={"objects": _describe(objects)})
+    return Sample(q, text, "f1", images=[image], meta={"objects": _describe(objects)})
+
+
+def caption_text(objects: list[tuple[str, str, str]]) -> str:
+    """The caption of (size, colour, shape) objects in left-to-right order: "A large red star and a
+    small blue circle." (training builds near-miss captions with it too)."""
+    names = [f"a {size} {color} {shape}" for size, color, shape in objects]
+    text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return text[0].upper() + text[1:] + "."
 
 
 # --- rendered text ---------------------------------------------------------------------------------
