@@ -42,9 +42,9 @@ def test_the_readme_main_job_gives_the_right_answer(capsys):
     assert "untrained" not in out.err
 
 
-# Chance is 1/8 for colour and 1/6 for count; world-bench measured 38 and 32 (docs/model_card.md), and
-# these 32 samples (greedy, so the same every run) 22 % and at least 25 %.
-@pytest.mark.parametrize("skill, at_least", [("color", 0.18), ("count", 0.25)])
+# Chance is 1/8 for colour and 1/6 for count; world-bench measured 40 and 32 (docs/model_card.md), and
+# these 32 samples (greedy, so the same every run) 34 % and 38 %.
+@pytest.mark.parametrize("skill, at_least", [("color", 0.25), ("count", 0.28)])
 def test_it_answers_questions_about_images_above_chance(reference, skill, at_least):
     samples = list(world.generate([skill], n=32, split="test", seed=1))
     conversations = [world.messages(world.to_record(s), with_answer=False) for s in samples]
@@ -53,6 +53,18 @@ def test_it_answers_questions_about_images_above_chance(reference, skill, at_lea
     score = sum(metric(a, [s.answer]) for a, s in zip(answers, samples)) / len(samples)
     print(f"{skill}: {score:.3f}")
     assert score >= at_least, list(zip(answers, [s.answer for s in samples]))
+
+
+def test_text_only_chat_keeps_what_smollm2_knew(reference):
+    """The instruct stage replays SmolLM2's own answers, so the LoRA does not wear its text chat away:
+    examples/text_qa.jsonl measured SmolLM2 alone 75.0, tinyomni-world 67.5, and 42.5 before replay
+    (docs/model_card.md)."""
+    items = [json.loads(line) for line in (EXAMPLES / "text_qa.jsonl").open()]
+    answers = reference.chat_batch([[{"role": "user", "content": item["question"]}] for item in items],
+                                   max_new_tokens=24)
+    score = sum(METRICS["contains"](a, item["answers"]) for a, item in zip(answers, items)) / len(items)
+    print(f"text_qa: {score:.3f}")
+    assert score >= 0.6, list(zip(answers, [item["answers"][0] for item in items]))
 
 
 def test_a_missing_reference_model_is_a_clear_error(monkeypatch, tmp_path):

@@ -77,6 +77,52 @@ def test_jsonl_records_with_multi_turn_messages(tiny, media, tmp_path):
     assert targets == "red<|im_end|>yes<|im_end|>"
 
 
+def test_extra_questions_ask_more_about_the_same_picture(tiny):
+    stage = StageSpec(steps=1, batch_size=2, train=["x"],
+                      data=DataSpec(skills=["color", "ocr"], extra_questions=3))
+    batches = StageBatches(stage, chat_example(tiny.processor, stage), RecordSource(stage.data), 0, seed=0)
+    (batch,), _ = batches.step_batches(0)
+    assert batch.pixel_values.shape[0] == 2  # one picture per sample, however many questions
+    targets = [tiny.tokenizer.decode([t for t in row.tolist() if t != -100], skip_special_tokens=False)
+               for row in batch.labels]
+    turns = [t.count("<|im_end|>") for t in targets]
+    assert turns == [4, 1]  # the colour scene gets three more questions; the OCR picture has no objects
+
+
+def test_replay_takes_a_fixed_even_share_of_the_samples(tmp_path):
+    records = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+               for i in range(10)]
+    (tmp_path / "replay.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    source = RecordSource(DataSpec(skills=["color"], replay=str(tmp_path / "replay.jsonl"), replay_fraction=0.25))
+    drawn = [source(j)[0] for j in range(40)]
+    is_replay = ["messages" in r for r in drawn]
+    assert all(sum(is_replay[i: i + 4]) == 1 for i in range(0, 40, 4))  # one in four, spread evenly
+    replayed = [r["messages"][0]["content"] for r, rep in zip(drawn, is_replay) if rep]
+    assert sorted(replayed) == [f"q{i}" for i in range(10)]  # each record once per epoch
+    world_ids = [r["id"] for r, rep in zip(drawn, is_replay) if not rep]
+    plain = RecordSource(DataSpec(skills=["color"]))
+    assert world_ids == [plain(j)[0]["id"] for j in range(30)]  # the data's own samples, in order
+    assert [source(j)[0].get("id") for j in range(40)] == [r.get("id") for r in drawn]  # pure function of j
+
+
+def test_replay_data_is_the_base_models_answers_and_leaves_out_the_text_qa_set(tiny, tmp_path):
+    from tinyomni.train.replay import make_replay, read_prompts
+
+    prompts = read_prompts(ROOT / "recipes" / "data" / "replay_prompts.txt")
+    held_out = {json.loads(line)["question"] for line in (ROOT / "examples" / "text_qa.jsonl").open()}
+    assert len(prompts) > 200 and not set(prompts) & held_out
+    shipped = [json.loads(line) for line in (ROOT / "recipes" / "data" / "smollm2_replay.jsonl").open()]
+    assert len(shipped) > 0.8 * len(prompts)
+    assert all(r["messages"][0]["content"] in prompts and r["messages"][1]["content"] for r in shipped)
+    records, cut = make_replay(tiny, ["hi", "tell me more"], max_new_tokens=3, progress=False)
+    assert len(records) + cut == 2
+    # A recipe names replay data relative to itself.
+    recipe = load_recipe(ROOT / "recipes" / "tinyomni-world.toml")
+    assert Path(recipe.stages[-1].data.replay).is_file()
+    with pytest.raises(ConfigError, match="replay"):
+        StageSpec(train=["x"], data=DataSpec(replay="x.jsonl")).validate("stages.0")
+
+
 def test_lora_starts_as_identity_and_merges_exactly():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))

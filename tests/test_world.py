@@ -85,6 +85,45 @@ def test_answers_follow_from_the_ground_truth():
             assert any(o["shape"] == sh for o in e.meta["objects"])
 
 
+def test_scene_questions_are_answered_by_the_scene_and_name_only_training_pairs():
+    import random
+    import re
+
+    from tinyomni.world.skills import COLOR_QUESTIONS, SHAPE_QUESTIONS, scene_questions
+
+    kinds = set()
+    for i in range(40):
+        s = world.make_sample(["color", "count", "caption", "exists"][i % 4], i, "train")
+        objects = s.meta["objects"]
+        qas = scene_questions(objects, random.Random(i), "train", 4)
+        assert qas == scene_questions(objects, random.Random(i), "train", 4)  # a function of the rng
+        assert 1 <= len(qas) <= 4 and len({q for q, _ in qas}) == len(qas)
+        for q, a in qas:
+            named = [(c, sh) for c in COLORS for sh in SHAPES if re.search(rf"\b{c} {sh}", q)]
+            assert all(p in pairs("train") for p in named), q
+            asked_shape = [sh for t in COLOR_QUESTIONS for sh in SHAPES if q.startswith(t.format(s=sh))]
+            asked_color = [c for t in SHAPE_QUESTIONS for c in COLORS if q.startswith(t.format(c=c))]
+            if asked_shape:
+                assert [o["color"] for o in objects if o["shape"] == asked_shape[0]] == [a], q
+                kinds.add("color")
+            elif asked_color:
+                assert [o["shape"] for o in objects if o["color"] == asked_color[0]] == [a], q
+                kinds.add("shape")
+            elif q.startswith("How many"):
+                words = q.split("?")[0].split()[2:-2]  # "How many [colour] shapes|objects are there?"
+                color = words[0] if words[0] in COLORS else None
+                shape = None if words[-1] == "objects" else next(sh for sh in SHAPES if words[-1].startswith(sh))
+                n = sum((color is None or o["color"] == color) and (shape is None or o["shape"] == shape)
+                        for o in objects)
+                assert a == str(n), q
+                kinds.add("count")
+            else:
+                (c, sh), = named
+                assert a == ("yes" if any((o["color"], o["shape"]) == (c, sh) for o in objects) else "no"), q
+                kinds.add(f"exists-{a}")
+    assert kinds == {"color", "shape", "count", "exists-yes", "exists-no"}
+
+
 def test_pope_style_questions_are_balanced():
     answers = [world.make_sample("exists", i, "train").answer for i in range(200)]
     assert 80 <= answers.count("yes") <= 120

@@ -16,6 +16,7 @@ chat (sft) stages, the image/audio front ends for contrastive pairs.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections.abc import Callable, Iterator
@@ -37,12 +38,17 @@ IGNORE = -100
 # --- records ---------------------------------------------------------------------------------------
 
 class RecordSource:
-    """Sample index → (record, folder its media paths are relative to)."""
+    """Sample index → (record, folder its media paths are relative to).
+
+    With replay, sample `j` is a replay record when floor((j+1)·f) > floor(j·f) (f = replay_fraction):
+    an even spread, the n-th replay sample is replay record n, and the others are the data's own
+    samples in order, so both stay pure functions of `j`."""
 
     def __init__(self, spec: DataSpec) -> None:
         self.spec = spec
         self.records: list[dict[str, Any]] | None = None
         self.root: Path | None = None
+        self.replay = None if spec.replay is None else RecordSource(DataSpec(jsonl=spec.replay, seed=spec.seed))
         if spec.jsonl is not None:
             from tinyomni.world.writers import read_records
 
@@ -58,6 +64,11 @@ class RecordSource:
             self.difficulty = Difficulty().with_overrides(spec.difficulty)
 
     def __call__(self, j: int) -> tuple[dict[str, Any], Path | None]:
+        if self.replay is not None:
+            before, after = math.floor(j * self.spec.replay_fraction), math.floor((j + 1) * self.spec.replay_fraction)
+            if after > before:
+                return self.replay(before)
+            j -= before
         if self.records is not None:  # a fresh permutation of the file every epoch
             n = len(self.records)
             order = list(range(n))
@@ -104,10 +115,28 @@ class PairExample:
 
 def chat_example(processor: ChatProcessor, stage: StageSpec) -> Callable[[int, dict, Path | None], ChatExample]:
     def make(index: int, record: dict[str, Any], root: Path | None) -> ChatExample:
-        prompt, labels = processor.training_example(record_messages(record, root), max_tiles=stage.max_tiles)
+        messages = record_messages(record, root)
+        if stage.data.extra_questions:
+            seed = f"tinyomni-questions/{stage.data.seed}/{stage.name}/{index}"
+            messages += extra_turns(record, stage.data.extra_questions, stage.data.split, seed)
+        prompt, labels = processor.training_example(messages, max_tiles=stage.max_tiles)
         return ChatExample(index, prompt.input_ids, labels, prompt.pixel_values, prompt.audio_features)
 
     return make
+
+
+def extra_turns(record: dict[str, Any], k: int, split: str, seed: str) -> list[dict[str, Any]]:
+    """Up to `k` more user/assistant turns about a world record's single scene of shapes (none for
+    other records): the picture is encoded once and answers several questions."""
+    from tinyomni.world.skills import scene_questions
+
+    objects = (record.get("meta") or {}).get("objects")
+    if not objects or record.get("image") is None:
+        return []
+    turns = []
+    for question, answer in scene_questions(objects, random.Random(seed), split, k):
+        turns += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return turns
 
 
 def record_messages(record: dict[str, Any], root: Path | None) -> list[dict[str, Any]]:

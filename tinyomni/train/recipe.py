@@ -55,6 +55,14 @@ class DataSpec:
     seed: int = 0
     difficulty: dict[str, Any] = field(default_factory=dict)  # Difficulty knobs for every skill
     jsonl: str | None = None  # a task/world JSONL instead of the world (cycled, reshuffled every epoch)
+    # Chat stages: up to this many more questions about the same picture, as further turns, for world
+    # records of a single scene of shapes (colour, shape, count, presence; see world.skills.scene_questions).
+    extra_questions: int = 0
+    # Replay: this share of the samples comes from a JSONL of chats instead (e.g. the base LLM's own
+    # answers to general prompts, made by `python -m tinyomni.train.replay`), so tuning on world data
+    # does not wear away what the base model could do.
+    replay: str | None = None
+    replay_fraction: float = 0.0
 
 
 @dataclass
@@ -104,6 +112,13 @@ class StageSpec:
         _require(self.loss in ("siglip", "clip"), f"{where}.loss must be siglip or clip")
         _require(self.bucket_batches >= 1, f"{where}.bucket_batches must be >= 1")
         _require(self.hard_negatives >= 0, f"{where}.hard_negatives must be >= 0")
+        _require(self.data.extra_questions >= 0, f"{where}.data.extra_questions must be >= 0")
+        _require(0.0 <= self.data.replay_fraction < 1.0, f"{where}.data.replay_fraction must be in [0, 1)")
+        _require((self.data.replay is None) == (self.data.replay_fraction == 0.0),
+                 f"{where}.data: replay and replay_fraction go together")
+        if self.kind == "contrastive":
+            _require(self.data.replay is None and not self.data.extra_questions,
+                     f"{where}.data: replay and extra_questions are for chat (sft) stages")
         if self.kind == "sft":
             _require(bool(self.train) or self.lora is not None, f"{where}: say what trains (train = [...] or lora)")
 
@@ -174,9 +189,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     for item in overrides or []:
         apply_override(raw, item)
     try:
-        return recipe_from_dict(raw)
+        recipe = recipe_from_dict(raw)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    for stage in recipe.stages:  # data files named relative to the recipe, wherever it is run from
+        for name in ("jsonl", "replay"):
+            value = getattr(stage.data, name)
+            if value is not None and not Path(value).is_absolute() and (path.parent / value).is_file():
+                setattr(stage.data, name, str(path.parent / value))
+    return recipe
 
 
 def recipe_from_dict(raw: dict[str, Any]) -> Recipe:

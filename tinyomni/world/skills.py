@@ -94,6 +94,12 @@ def _say(rng: random.Random, split: str, d: Difficulty, text: str) -> tuple:
 
 # --- scenes of shapes ------------------------------------------------------------------------------
 
+# Question wordings, shared by the skills and by the extra questions training asks about a scene.
+COLOR_QUESTIONS = ("What color is the {s}?", "What is the color of the {s}?", "Which color does the {s} have?")
+SHAPE_QUESTIONS = ("What shape is the {c} object?", "What is the shape of the {c} object?", "Which shape is {c}?")
+EXISTS_QUESTIONS = ("Is there a {c} {s} in the image?", "Does the image contain a {c} {s}?")
+
+
 @dataclass
 class _SceneQA:
     """A question about one image, kept apart from its wording so spoken skills can reuse it."""
@@ -113,8 +119,7 @@ def _color_qa(rng: random.Random, split: str, d: Difficulty) -> _SceneQA:
     specs = [(shape, color, _size(rng))]
     specs += [(s, rng.choice(_colors_for(split, s)), _size(rng)) for s in others]
     image, objects = _scene(rng, d, specs)
-    q = rng.choice(["What color is the {s}?", "What is the color of the {s}?",
-                    "Which color does the {s} have?"])
+    q = rng.choice(COLOR_QUESTIONS)
     return _SceneQA(image, q.format(s=shape), ONE_WORD, color, list(COLORS),
                     {"objects": _describe(objects), "target": [color, shape]})
 
@@ -126,8 +131,7 @@ def _shape_qa(rng: random.Random, split: str, d: Difficulty) -> _SceneQA:
     specs = [(shape, color, _size(rng))]
     specs += [(rng.choice(_shapes_for(split, c)), c, _size(rng)) for c in others]
     image, objects = _scene(rng, d, specs)
-    q = rng.choice(["What shape is the {c} object?", "What is the shape of the {c} object?",
-                    "Which shape is {c}?"])
+    q = rng.choice(SHAPE_QUESTIONS)
     return _SceneQA(image, q.format(c=color), ONE_WORD, shape, list(SHAPES),
                     {"objects": _describe(objects), "target": [color, shape]})
 
@@ -229,7 +233,7 @@ def exists(rng: random.Random, split: str, d: Difficulty) -> Sample:
         chosen = [same_color, same_shape] + rest
     rng.shuffle(chosen)
     image, objects = _scene(rng, d, [(s, c, _size(rng)) for c, s in chosen])
-    q = rng.choice(["Is there a {c} {s} in the image?", "Does the image contain a {c} {s}?"])
+    q = rng.choice(EXISTS_QUESTIONS)
     return Sample(f"{q.format(c=query[0], s=query[1])} {YES_NO}", label, "pope", images=[image],
                   candidates=["yes", "no"], category=category,
                   meta={"objects": _describe(objects), "target": list(query)})
@@ -253,6 +257,66 @@ def caption_text(objects: list[tuple[str, str, str]]) -> str:
     names = [f"a {size} {color} {shape}" for size, color, shape in objects]
     text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return text[0].upper() + text[1:] + "."
+
+
+def scene_questions(objects: list[dict], rng: random.Random, split: str, k: int) -> list[tuple[str, str]]:
+    """Up to `k` more (question, answer) pairs about a scene of shapes, worked out from its objects
+    (the `meta["objects"]` of a world record), in the skills' own wording: the colour of a shape seen
+    once, the shape of a colour seen once, counts (sometimes of what is absent: 0), and yes/no presence
+    (half no, some of them adversarial). Training asks them as further turns about the same picture,
+    so one image encoding teaches several answers. Absent pairs come from `split`, so no held-out
+    colour-shape pair is ever named."""
+    present = {(o["color"], o["shape"]) for o in objects}
+    shapes = [o["shape"] for o in objects]
+    colors = [o["color"] for o in objects]
+    allowed = pairs(split)
+
+    def unique_q(asked: str, answer: str, templates: tuple[str, ...], slot: str) -> tuple[str, str] | None:
+        # "What color is the star?" only when there is one star (and "the red object" likewise).
+        values = [o[asked] for o in objects]
+        once = sorted(v for v in set(values) if values.count(v) == 1)
+        if not once:
+            return None
+        v = rng.choice(once)
+        return f"{rng.choice(templates).format(**{slot: v})} {ONE_WORD}", next(o[answer] for o in objects
+                                                                             if o[asked] == v)
+
+    def color_q() -> tuple[str, str] | None:
+        return unique_q("shape", "color", COLOR_QUESTIONS, "s")
+
+    def shape_q() -> tuple[str, str] | None:
+        return unique_q("color", "shape", SHAPE_QUESTIONS, "c")
+
+    def count_q() -> tuple[str, str]:
+        c, s = rng.choice(sorted(present)) if rng.random() < 0.8 else rng.choice(allowed)
+        kind = rng.choice(["shape", "color", "pair"])
+        if kind == "shape":
+            return f"How many {_plural(s)} are there? {NUMBER}", str(shapes.count(s))
+        if kind == "color":
+            return f"How many {c} objects are there? {NUMBER}", str(colors.count(c))
+        return f"How many {c} {_plural(s)} are there? {NUMBER}", str(sum(p == (c, s) for p in zip(colors, shapes)))
+
+    def exists_q() -> tuple[str, str] | None:
+        if rng.random() < 0.5:
+            c, s = rng.choice(sorted(present))
+        else:  # adversarial when it can be: the colour and the shape are there, not together
+            absent = [p for p in allowed if p not in present]
+            tricky = [p for p in absent if p[0] in colors and p[1] in shapes]
+            pool = tricky if tricky and rng.random() < 0.5 else absent
+            if not pool:
+                return None
+            c, s = rng.choice(pool)
+        return f"{rng.choice(EXISTS_QUESTIONS).format(c=c, s=s)} {YES_NO}", "yes" if (c, s) in present else "no"
+
+    makers = [color_q, shape_q, count_q, count_q, exists_q]
+    out: list[tuple[str, str]] = []
+    for _ in range(4 * k):
+        if len(out) == k or not objects:
+            break
+        qa = rng.choice(makers)()
+        if qa is not None and all(qa[0] != q for q, _ in out):
+            out.append(qa)
+    return out
 
 
 # --- rendered text ---------------------------------------------------------------------------------
