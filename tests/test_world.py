@@ -369,6 +369,8 @@ def test_preview_of_an_eval_shows_the_scored_samples_with_the_model_answers(tmp_
     assert samples[2].answer == world.make_sample("count", 0, "test", 0).answer
     sheet = world.contact_sheet(samples, predictions=said)
     assert sheet.size == (4 * 226, 354)
+    with pytest.raises(InputError, match="give a .png path"):  # the HTML page has no answers to show
+        world.write_preview(samples, tmp_path / "preview.html", predictions=said)
     path.write_text(json.dumps({"id": "my-own-item", "prediction": "x"}) + "\n")
     with pytest.raises(InputError, match="not the id of a world sample"):
         predicted_samples(str(path), n=1)

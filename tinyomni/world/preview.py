@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from tinyomni.errors import InputError
 from tinyomni.eval.tasks import LETTERS
 from tinyomni.world.render import png_bytes, text_size, ui_font
 from tinyomni.world.sample import Sample
@@ -125,8 +126,11 @@ def write_preview(samples: list[Sample], path: str | Path, columns: int = 4,
                   predictions: list[tuple[str, bool]] | None = None) -> Path:
     """Write a PNG contact sheet, or an HTML page (playable audio) when the path ends in .html."""
     path = Path(path)
+    as_page = path.suffix.lower() in (".html", ".htm")
+    if as_page and predictions is not None:
+        raise InputError(f"{path}: the page with predictions is a PNG; give a .png path")
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() in (".html", ".htm"):
+    if as_page:
         path.write_text(preview_html(samples), encoding="utf-8")
     else:
         path.write_bytes(png_bytes(contact_sheet(samples, columns, predictions)))
