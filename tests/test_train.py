@@ -27,6 +27,7 @@ from tinyomni.train import checkpoint as ckpt
 from tinyomni.train import load_recipe, train
 from tinyomni.train.data import RecordSource, StageBatches, chat_example
 from tinyomni.train.recipe import DataSpec, StageSpec
+from tinyomni.train.trainer import train_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "recipes" / "toy.toml"
@@ -211,6 +212,17 @@ def test_hard_negative_captions_change_one_object_and_count_only_as_negatives(ti
         with_negatives.backward()
 
 
+def test_frozen_batchnorm_keeps_its_running_statistics():
+    # A stage that does not train a conv stem must not move the BatchNorm statistics it learnt before.
+    frozen, trained = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+    frozen.requires_grad_(False)
+    model = nn.Sequential(frozen, trained)
+    train_mode(model)
+    model(torch.randn(4, 3, 2, 2) + 5)
+    assert model.training and trained.training and not frozen.training
+    assert torch.equal(frozen.running_mean, torch.zeros(3)) and trained.running_mean.min() > 0.1
+
+
 def test_recipe_rejects_typos_and_takes_overrides(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[[stages]]\nname = "a"\nkind = "sft"\ntrain = ["x"]\nlearning_rate = 1.0\n')
@@ -252,6 +264,52 @@ def test_resume_equals_uninterrupted_run(tiny_dir, tmp_path):
     second = train(toy(tiny_dir, tmp_path / "b", *overrides), progress=False, resume=True)
     assert second.global_step == straight.global_step == 7
     assert logged_losses(tmp_path / "b") == logged_losses(tmp_path / "a")  # bit for bit
+
+
+STEM_RECIPE = """
+name = "stem"
+[model]
+base = "smollm2"
+[model.vision]
+image_size = 32
+patch_size = 8
+hidden_size = 32
+intermediate_size = 48
+num_hidden_layers = 1
+num_attention_heads = 2
+conv_stem = [8, 8, 16]
+[model.audio]
+d_model = 32
+encoder_layers = 1
+encoder_attention_heads = 2
+encoder_ffn_dim = 32
+[run]
+autocast = "none"
+save_every = 2
+log_every = 1
+[[stages]]
+name = "vision-pretrain"
+kind = "contrastive"
+tower = "vision"
+steps = 4
+batch_size = 4
+lr = 3e-3
+text_tower = { hidden_size = 32, layers = 1, heads = 2, embed_dim = 32 }
+data = { skills = ["color"], difficulty = { image_size = 64 } }
+"""
+
+
+def test_resume_keeps_the_batchnorm_statistics_of_a_conv_stem(tmp_path):
+    (tmp_path / "stem.toml").write_text(STEM_RECIPE)
+    def recipe(out: str):
+        return load_recipe(tmp_path / "stem.toml", [f'run.out="{tmp_path / out}"'])
+    straight = train(recipe("a"), progress=False)
+    train(recipe("b"), progress=False, stop_after=2)
+    resumed = train(recipe("b"), progress=False, resume=True)
+    a = tinyomni.load(straight.model_dir).model.vision_tower.embeddings.conv_stem[0].norm
+    b = tinyomni.load(resumed.model_dir).model.vision_tower.embeddings.conv_stem[0].norm
+    assert a.num_batches_tracked.item() == b.num_batches_tracked.item() == 4
+    assert torch.equal(a.running_var, b.running_var) and not torch.equal(a.running_var, torch.ones(8))
 
 
 KILLED_RUN = """

@@ -20,8 +20,8 @@ from tinyomni.checkpoints.hf_vision import (
     plan_hf_vision_names,
     vision_config_from_hf,
 )
-from tinyomni.config import ACTIVATIONS, VisionConfig
-from tinyomni.errors import CheckpointError, InputError
+from tinyomni.config import ACTIVATIONS, OmniConfig, ProjectorConfig, VisionConfig
+from tinyomni.errors import CheckpointError, ConfigError, InputError
 from tinyomni.model.activations import ACT2FN
 from tinyomni.model.projector import MultiModalProjector, pixel_shuffle
 from tinyomni.model.vision import VisionEncoder
@@ -141,6 +141,29 @@ def test_every_switch_runs_and_shapes() -> None:
     assert model(pixels(1, (42, 14))).shape == (1, 1 + 3, 32)
     with pytest.raises(InputError, match="multiple of the vision patch size 14"):
         model(pixels(1, 30))
+
+
+def test_conv_stem_makes_a_hybrid_vit_with_the_same_token_grid() -> None:
+    config = VisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                          num_attention_heads=2, conv_stem=(8, 16, 16))
+    model = VisionEncoder(config)
+    names = set(model.state_dict())
+    for name in ("embeddings.conv_stem.0.conv.weight", "embeddings.conv_stem.2.norm.running_var",
+                 "embeddings.patch_embedding.weight"):
+        assert name in names
+    assert model.embeddings.patch_embedding.weight.shape == (32, 16, 3, 3)
+    assert model(pixels(2, 32)).shape == (2, 16, 32)  # 32 px / 8 px patches = a 4x4 grid, as without a stem
+    assert model(pixels(1, (48, 16))).shape == (1, 12, 32)
+    # In eval mode BatchNorm uses its running statistics: an image's features do not depend on its batch.
+    model.eval()
+    batch = pixels(3, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(batch)[:1], model(batch[:1]), atol=1e-5)
+    round_trip = OmniConfig.from_dict(OmniConfig(vision=config, vision_projector=ProjectorConfig(
+        downsample_ratio=0.5)).to_dict())
+    assert round_trip.vision == config
+    with pytest.raises(ConfigError, match="conv_stem has 2 stride-2 convs, which make patches of 4 px"):
+        VisionConfig(patch_size=8, conv_stem=(8, 16)).validate()
 
 
 def test_bf16_forward_is_close_to_fp32() -> None:

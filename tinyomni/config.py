@@ -39,6 +39,10 @@ class VisionConfig:
     qk_norm: bool = False  # InternViT-6B normalises queries and keys
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # Channels of a convolutional stem in place of the one-step patch embedding (a "hybrid" ViT, as in
+    # Xiao et al. 2021, "Early convolutions help transformers see better"): one 3x3 stride-2
+    # conv + BatchNorm + GELU per entry, so 2**len == patch_size. Empty for SigLIP/CLIP/InternViT.
+    conv_stem: tuple[int, ...] = ()
 
     @property
     def grid_size(self) -> int:
@@ -54,6 +58,10 @@ class VisionConfig:
                  "vision.hidden_size must be divisible by num_attention_heads")
         _require(self.norm_type in ("layer_norm", "rms_norm"), "vision.norm_type must be layer_norm or rms_norm")
         _require(self.hidden_act in ACTIVATIONS, f"vision.hidden_act must be one of {sorted(ACTIVATIONS)}")
+        _require(not self.conv_stem or 2 ** len(self.conv_stem) == self.patch_size,
+                 f"vision.conv_stem has {len(self.conv_stem)} stride-2 convs, which make patches of "
+                 f"{2 ** len(self.conv_stem)} px, not patch_size {self.patch_size}")
+        _require(all(c > 0 for c in self.conv_stem), "vision.conv_stem channels must be positive")
 
 
 @dataclass

@@ -41,16 +41,41 @@ def _block_norm(config: VisionConfig) -> nn.Module:
     return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
 
+class ConvStemBlock(nn.Module):
+    """3x3 stride-2 conv → BatchNorm → GELU: halves the image side."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(out_channels)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(x)))
+
+
 class VisionEmbeddings(nn.Module):
-    """Patch embedding (+ CLS token) + learned absolute positions, resized when the grid differs."""
+    """Patch embedding (+ CLS token) + learned absolute positions, resized when the grid differs.
+
+    The patch embedding is one patch_size-stride conv (SigLIP, CLIP, InternViT), or with
+    `config.conv_stem` a stack of stride-2 conv blocks and a 3x3 conv to the width. Trained from scratch
+    on scenes of shapes, the one-step embedding learnt colours but hardly shapes (a linear probe at the
+    majority guess); the stem with BatchNorm learns them several times faster (docs/training.md).
+    """
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
         self.patch_size = config.patch_size
         self.grid_size = config.grid_size
-        self.patch_embedding = nn.Conv2d(
-            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
-        )
+        channels = (config.num_channels, *config.conv_stem)
+        self.conv_stem = (nn.Sequential(*(ConvStemBlock(a, b) for a, b in zip(channels, channels[1:])))
+                          if config.conv_stem else None)
+        if config.conv_stem:
+            self.patch_embedding = nn.Conv2d(channels[-1], config.hidden_size, kernel_size=3, padding=1)
+        else:
+            self.patch_embedding = nn.Conv2d(
+                config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+            )
         self.num_prefix_tokens = 1 if config.use_cls_token else 0
         if config.use_cls_token:
             self.class_embedding = nn.Parameter(torch.zeros(config.hidden_size))
@@ -79,7 +104,10 @@ class VisionEmbeddings(nn.Module):
             raise InputError(
                 f"image size {height}x{width} is not a multiple of the vision patch size {self.patch_size}"
             )
-        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        x = pixel_values.to(self.patch_embedding.weight.dtype)
+        if self.conv_stem is not None:
+            x = self.conv_stem(x)
+        x = self.patch_embedding(x)
         grid_h, grid_w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)
         if self.class_embedding is not None:
@@ -199,6 +227,11 @@ class VisionEncoder(nn.Module):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+        if self.embeddings.conv_stem is not None:
+            # Convolutions followed by BatchNorm keep PyTorch's fan-in initialisation, as ResNets do.
+            for module in self.embeddings.conv_stem.modules():
+                if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)):
+                    module.reset_parameters()
         if self.embeddings.class_embedding is not None:
             nn.init.trunc_normal_(self.embeddings.class_embedding, std=0.02)
         if self.config.layer_scale_init is not None:

@@ -86,6 +86,15 @@ class ChatLoss(nn.Module):
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
 
+def train_mode(module: nn.Module) -> None:
+    """`module.train()`, except BatchNorm layers whose weights are frozen: their running statistics are
+    part of what was trained before, so a stage that does not train them must not move them either."""
+    module.train()
+    for sub in module.modules():
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in sub.parameters()):
+            sub.eval()
+
+
 def set_trainable(omni: nn.Module, stage: StageSpec) -> list[str]:
     """Freeze everything, then unfreeze the stage's modules and LoRA adapters; returns the names."""
     for p in omni.parameters():
@@ -216,7 +225,10 @@ class Trainer:
 
     def _saved_weights(self, extra: nn.Module | None) -> dict[str, Tensor]:
         state = self.omni.state_dict()
-        weights = {k: v for k, v in state.items() if k in self.trained or is_lora_key(k)}
+        # Buffers that training moves (BatchNorm statistics) travel with their module's trained weights.
+        owners = {k.rsplit(".", 1)[0] for k in self.trained}
+        moved = {k for k, _ in self.omni.named_buffers() if k.rsplit(".", 1)[0] in owners}
+        weights = {k: v for k, v in state.items() if k in self.trained or k in moved or is_lora_key(k)}
         if extra is not None:
             weights.update({f"stage_module.{k}": v for k, v in extra.state_dict().items()
                             if not k.startswith("encoder.")})
@@ -330,7 +342,7 @@ class Trainer:
         loader: Iterator = iter(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=run.workers,
                                                             prefetch_factor=2 if run.workers else None))
         autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=run.autocast == "bfloat16")
-        omni.train()
+        train_mode(omni)
         trainable = [p for _, p in named]
         window = {"loss": 0.0, "samples": 0, "steps": 0, "dropped": 0, "t": time.perf_counter()}
         with _progress_bar(self.progress, stage, start) as bar:
@@ -436,7 +448,7 @@ class Trainer:
                                       enabled=self.recipe.run.autocast == "bfloat16")
             with torch.no_grad(), autocast:
                 summary = evaluate(model, self._eval_items, out, model_name=self.recipe.name, config=config)
-            self.omni.train()
+            train_mode(self.omni)
             self._log({"type": "eval", "stage": stage_name, "global_step": self.global_step,
                        "average": summary["average"],
                        "tasks": {k: v["score"] for k, v in summary["tasks"].items()}})
