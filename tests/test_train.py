@@ -212,6 +212,44 @@ def test_hard_negative_captions_change_one_object_and_count_only_as_negatives(ti
         with_negatives.backward()
 
 
+def test_tag_loss_asks_the_encoder_for_every_word_of_its_caption(tiny):
+    from tinyomni import world
+    from tinyomni.train.contrastive import ContrastiveModule
+    from tinyomni.train.data import collate_pairs, pair_example
+    from tinyomni.train.recipe import TextTowerSpec
+
+    records = [world.to_record(world.make_sample("caption", i, "train", 0)) for i in range(4)]
+    stage = StageSpec(kind="contrastive", tag_loss=0.5, text_tower=TextTowerSpec(hidden_size=32, layers=1, heads=2,
+                                                                                 embed_dim=16))
+    make = pair_example(tiny.tokenizer, tiny.config, stage)
+    batch = collate_pairs([make(i, r, None) for i, r in enumerate(records)], pad_id=0)
+    torch.manual_seed(0)
+    encoder = tiny.model.vision_tower
+    module = ContrastiveModule(encoder, tiny.config.vision.hidden_size, "vision", len(tiny.tokenizer),
+                               stage.text_tower, "siglip", tag_loss=stage.tag_loss)
+    pooled = module.pool_media(batch)
+    # The target of sample i is exactly the set of tokens of its caption.
+    words = [set(tiny.tokenizer.encode_piece(r["answers"][0])) for r in records]
+    logits = module.tag_head(torch.cat(pooled, -1)).float()
+    target = torch.zeros_like(logits)
+    for i, ids in enumerate(words):
+        target[i, sorted(ids)] = 1
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="sum") / 4
+    assert torch.allclose(module.tag_loss(pooled, batch), expected)
+    # It is added to the contrastive loss, and its gradient reaches the encoder through the tag head.
+    module.tag_head.weight.data.normal_(0, 0.02)
+    encoder.zero_grad()
+    module.tag_loss(module.pool_media(batch), batch).backward()
+    assert encoder.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+    without = ContrastiveModule(encoder, tiny.config.vision.hidden_size, "vision", len(tiny.tokenizer),
+                                stage.text_tower, "siglip")
+    without.load_state_dict(module.state_dict(), strict=False)
+    with torch.no_grad():
+        assert torch.allclose(module(batch), without(batch) + 0.5 * module.tag_loss(module.pool_media(batch), batch))
+    with pytest.raises(ConfigError, match="tag_loss is for contrastive stages"):
+        StageSpec(kind="sft", train=["x"], tag_loss=1.0).validate("stages.0")
+
+
 def test_frozen_batchnorm_keeps_its_running_statistics():
     # A stage that does not train a conv stem must not move the BatchNorm statistics it learnt before.
     frozen, trained = nn.BatchNorm2d(3), nn.BatchNorm2d(3)

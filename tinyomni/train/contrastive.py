@@ -7,6 +7,10 @@ the text tower and the two projection heads are thrown away.
 
 Captions in a synthetic world repeat ("red", "3"), so two samples with the same text are both
 positives for each other rather than false negatives.
+
+With `tag_loss`, a second head on the encoder's pooled features (mean and max over positions)
+predicts which tokens the sample's own text contains (CatLIP-style multi-label classification), so
+every word is a direct target; it is thrown away with the text tower.
 """
 
 from __future__ import annotations
@@ -50,10 +54,16 @@ class ContrastiveModule(nn.Module):
     """An encoder of the omni model (vision or audio tower) + the text tower + heads + the loss."""
 
     def __init__(self, encoder: nn.Module, encoder_width: int, kind: str, vocab_size: int, spec: TextTowerSpec,
-                 loss: str, audio_config=None) -> None:
+                 loss: str, audio_config=None, tag_loss: float = 0.0) -> None:
         super().__init__()
         self.encoder = encoder  # shared with the omni model: what this stage trains
         self.kind, self.loss_kind, self.audio_config = kind, loss, audio_config
+        self.tag_weight = tag_loss
+        if tag_loss:
+            # Starts by predicting "absent" for every token at a rate of one in the vocabulary.
+            self.tag_head = nn.Linear(2 * encoder_width, vocab_size)
+            nn.init.zeros_(self.tag_head.weight)
+            nn.init.constant_(self.tag_head.bias, -math.log(vocab_size))
         self.text_tower = TextTower(vocab_size, spec)
         self.media_head = nn.Linear(encoder_width, spec.embed_dim)
         self.text_head = nn.Linear(spec.hidden_size, spec.embed_dim)
@@ -64,23 +74,43 @@ class ContrastiveModule(nn.Module):
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
             self.logit_bias = None
 
-    def embed_media(self, batch: PairBatch) -> Tensor:
+    def pool_media(self, batch: PairBatch) -> tuple[Tensor, Tensor]:
+        """The encoder's output averaged and max-pooled over its positions (patches or frames)."""
         if self.kind == "vision":
-            features = self.encoder(batch.media)
-            pooled = features.mean(1)  # every patch (a CLS token, if any, is one more)
-        else:
-            features = self.encoder(batch.media, attention_mask=batch.media_mask)
-            frames = batch.media_mask.sum(1).tolist()
-            lengths = torch.tensor([audio_output_length(int(f), self.audio_config) for f in frames])
-            mask = torch.arange(features.shape[1])[None, :] < lengths[:, None]
-            pooled = masked_mean(features, mask.to(features.device))
-        return F.normalize(self.media_head(pooled).float(), dim=-1)
+            features = self.encoder(batch.media)  # every patch (a CLS token, if any, is one more)
+            return features.mean(1), features.amax(1)
+        features = self.encoder(batch.media, attention_mask=batch.media_mask)
+        frames = batch.media_mask.sum(1).tolist()
+        lengths = torch.tensor([audio_output_length(int(f), self.audio_config) for f in frames])
+        mask = (torch.arange(features.shape[1])[None, :] < lengths[:, None]).to(features.device)
+        return masked_mean(features, mask), features.masked_fill(~mask[..., None], float("-inf")).amax(1)
+
+    def embed_media(self, batch: PairBatch) -> Tensor:
+        return F.normalize(self.media_head(self.pool_media(batch)[0]).float(), dim=-1)
+
+    def tag_loss(self, pooled: tuple[Tensor, Tensor], batch: PairBatch) -> Tensor:
+        """Binary cross-entropy of "this token is in my text", summed over the vocabulary, per sample."""
+        n = pooled[0].shape[0]
+        logits = self.tag_head(torch.cat(pooled, -1)).float()
+        ids, mask = batch.text_ids[:n], batch.text_mask[:n]
+        target = torch.zeros_like(logits)
+        rows = torch.arange(n, device=ids.device)[:, None].expand_as(ids)
+        target[rows[mask], ids[mask]] = 1.0  # padding may share an id with a real token: never a target
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / n
 
     def embed_text(self, batch: PairBatch) -> Tensor:
         return F.normalize(self.text_head(self.text_tower(batch.text_ids, batch.text_mask)).float(), dim=-1)
 
     def forward(self, batch: PairBatch) -> Tensor:
-        media, text = self.embed_media(batch), self.embed_text(batch)
+        pooled = self.pool_media(batch)
+        media = F.normalize(self.media_head(pooled[0]).float(), dim=-1)
+        loss = self.contrastive_loss(media, self.embed_text(batch), batch)
+        if self.tag_weight:
+            # Per process, over its own samples: DDP's gradient average makes it the global-batch mean.
+            loss = loss + self.tag_weight * self.tag_loss(pooled, batch)
+        return loss
+
+    def contrastive_loss(self, media: Tensor, text: Tensor, batch: PairBatch) -> Tensor:
         texts = batch.texts
         n = media.shape[0]
         own = list(texts[:n])  # each sample's own text; the rest are hard negatives (None: no negative)

@@ -103,6 +103,11 @@ class StageSpec:
     # Per world caption, this many extra negative captions of the same scene with one object changed
     # (shape, colour or size): in-batch negatives are told apart by colour alone, these are not.
     hard_negatives: int = 0
+    # Weight of a bag-of-words loss beside the contrastive one (as in CatLIP, Mehta et al. 2024): the
+    # encoder's pooled features predict which tokens its own text contains. Every word of a caption
+    # (each shape, colour, size) is then a direct target, where in-batch negatives reward only what
+    # tells the batch's captions apart most easily (colours). 0 = off.
+    tag_loss: float = 0.0
     text_tower: TextTowerSpec = field(default_factory=TextTowerSpec)
 
     def validate(self, where: str) -> None:
@@ -112,6 +117,8 @@ class StageSpec:
         _require(self.loss in ("siglip", "clip"), f"{where}.loss must be siglip or clip")
         _require(self.bucket_batches >= 1, f"{where}.bucket_batches must be >= 1")
         _require(self.hard_negatives >= 0, f"{where}.hard_negatives must be >= 0")
+        _require(self.tag_loss >= 0, f"{where}.tag_loss must be >= 0")
+        _require(self.kind == "contrastive" or not self.tag_loss, f"{where}.tag_loss is for contrastive stages")
         _require(self.data.extra_questions >= 0, f"{where}.data.extra_questions must be >= 0")
         _require(0.0 <= self.data.replay_fraction < 1.0, f"{where}.data.replay_fraction must be in [0, 1)")
         _require((self.data.replay is None) == (self.data.replay_fraction == 0.0),

@@ -400,7 +400,7 @@ class Trainer:
         self.trained |= {n for n, p in self.omni.named_parameters() if n.startswith(prefix) and p.requires_grad}
         with api._seeded(self.recipe.run.seed * 1000 + index):
             module = ContrastiveModule(encoder, width, stage.tower, len(self.model.tokenizer), stage.text_tower,
-                                       stage.loss, config.audio)
+                                       stage.loss, config.audio, stage.tag_loss)
         # Whisper's sinusoid position table stays fixed, as in the model.
         for name, p in encoder.named_parameters():
             if name.startswith("embed_positions"):
