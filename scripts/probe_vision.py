@@ -2,6 +2,7 @@
 
     python scripts/probe_vision.py tinyomni/models/tinyomni-world
     python scripts/probe_vision.py runs/tinyomni-world/model --random   # and a random tower of that shape
+    python scripts/probe_vision.py runs/tinyomni-world/checkpoints/step-0000400   # mid-run
 
 The tower's last hidden states on world caption scenes (train split to fit, val split to score) are
 pooled (mean and max over patches), and one logistic regression per label is fitted: "is there a red
@@ -13,6 +14,8 @@ so this tells an encoder problem from a decoder one in a minute.
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +24,8 @@ from rich.table import Table
 
 import tinyomni
 from tinyomni import world
+from tinyomni.checkpoints.native import read_weights
+from tinyomni.config import VisionConfig
 from tinyomni.model.vision import VisionEncoder
 from tinyomni.world.render import COLORS, SHAPES
 
@@ -66,6 +71,28 @@ def probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val
         return ((head(val_x) > 0).float() == val_y).float().mean(0)
 
 
+def load_tower(path: Path) -> tuple[VisionEncoder, VisionConfig]:
+    """The vision tower of a model directory (or tinyomni-world), or of a training checkpoint
+    (`<run>/checkpoints/step-N`, shaped by the run's recipe.json) while the run goes on."""
+    if (path / "state.json").is_file() and (path / "weights.safetensors").is_file():
+        recipe = json.loads((path.parent.parent / "recipe.json").read_text())
+        config = VisionConfig(**recipe["model"]["vision"])
+        tower = VisionEncoder(config)
+        weights = read_weights(path, "weights.safetensors")
+        prefix = "vision_tower."
+        state = {k[len(prefix):]: v.float() if v.is_floating_point() else v
+                 for k, v in weights.items() if k.startswith(prefix)}
+        missing = set(tower.state_dict()) - set(state)
+        if missing:
+            raise SystemExit(f"{path} does not hold the whole vision tower (missing {sorted(missing)[:3]})")
+        tower.load_state_dict(state)
+        return tower, config
+    model = tinyomni.load(str(path))
+    if model.config.vision is None:
+        raise SystemExit(f"{path} has no vision tower")
+    return model.model.vision_tower, model.config.vision
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a tinyomni checkpoint directory, or tinyomni-world")
@@ -74,13 +101,10 @@ def main() -> None:
     parser.add_argument("--random", action="store_true", help="also probe a randomly initialised tower")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = tinyomni.load(args.model)
-    config = model.config.vision
-    if config is None:
-        raise SystemExit(f"{args.model} has no vision tower")
+    trained, config = load_tower(Path(args.model))
     train_pixels, train_y = scenes(args.train, "train", config.image_size, config.image_mean, config.image_std)
     val_pixels, val_y = scenes(args.val, "val", config.image_size, config.image_mean, config.image_std)
-    towers = {"trained": model.model.vision_tower.float().eval()}
+    towers = {"trained": trained.float().eval()}
     if args.random:
         towers["random"] = VisionEncoder(config).eval()
     table = Table(title=f"linear probe of {args.model}'s vision tower ({args.train} train / {args.val} val scenes)")

@@ -348,6 +348,12 @@ def test_resume_keeps_the_batchnorm_statistics_of_a_conv_stem(tmp_path):
     b = tinyomni.load(resumed.model_dir).model.vision_tower.embeddings.conv_stem[0].norm
     assert a.num_batches_tracked.item() == b.num_batches_tracked.item() == 4
     assert torch.equal(a.running_var, b.running_var) and not torch.equal(a.running_var, torch.ones(8))
+    # The linear probe reads a tower from a training checkpoint too (shaped by the run's recipe.json).
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_vision.py"),
+                          str(tmp_path / "b" / "checkpoints" / "step-0000004"), "--train", "40", "--val", "20"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "majority guess" in out.stdout and "trained" in out.stdout
 
 
 KILLED_RUN = """
