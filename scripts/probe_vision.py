@@ -102,8 +102,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     trained, config = load_tower(Path(args.model))
-    train_pixels, train_y = scenes(args.train, "train", config.image_size, config.image_mean, config.image_std)
-    val_pixels, val_y = scenes(args.val, "val", config.image_size, config.image_mean, config.image_std)
+    console = Console()
+    with console.status(f"rendering {args.train} + {args.val} scenes"):
+        train_pixels, train_y = scenes(args.train, "train", config.image_size, config.image_mean, config.image_std)
+        val_pixels, val_y = scenes(args.val, "val", config.image_size, config.image_mean, config.image_std)
     towers = {"trained": trained.float().eval()}
     if args.random:
         towers["random"] = VisionEncoder(config).eval()
@@ -114,9 +116,10 @@ def main() -> None:
     colours, shapes = slice(0, len(COLORS)), slice(len(COLORS), None)
     table.add_row("majority guess", f"{100 * majority[colours].mean():.1f}", f"{100 * majority[shapes].mean():.1f}")
     for name, tower in towers.items():
-        acc = probe(features(tower, train_pixels), train_y, features(tower, val_pixels), val_y)
+        with console.status(f"encoding and probing ({name} tower)"):
+            acc = probe(features(tower, train_pixels), train_y, features(tower, val_pixels), val_y)
         table.add_row(name, f"{100 * acc[colours].mean():.1f}", f"{100 * acc[shapes].mean():.1f}")
-    Console().print(table)
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -67,10 +67,10 @@ class VisionEmbeddings(nn.Module):
         super().__init__()
         self.patch_size = config.patch_size
         self.grid_size = config.grid_size
-        channels = (config.num_channels, *config.conv_stem)
-        self.conv_stem = (nn.Sequential(*(ConvStemBlock(a, b) for a, b in zip(channels, channels[1:])))
-                          if config.conv_stem else None)
+        self.conv_stem: nn.Sequential | None = None
         if config.conv_stem:
+            channels = (config.num_channels, *config.conv_stem)
+            self.conv_stem = nn.Sequential(*(ConvStemBlock(a, b) for a, b in zip(channels, channels[1:])))
             self.patch_embedding = nn.Conv2d(channels[-1], config.hidden_size, kernel_size=3, padding=1)
         else:
             self.patch_embedding = nn.Conv2d(

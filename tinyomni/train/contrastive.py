@@ -85,8 +85,8 @@ class ContrastiveModule(nn.Module):
         mask = (torch.arange(features.shape[1])[None, :] < lengths[:, None]).to(features.device)
         return masked_mean(features, mask), features.masked_fill(~mask[..., None], float("-inf")).amax(1)
 
-    def embed_media(self, batch: PairBatch) -> Tensor:
-        return F.normalize(self.media_head(self.pool_media(batch)[0]).float(), dim=-1)
+    def embed_media(self, pooled_mean: Tensor) -> Tensor:
+        return F.normalize(self.media_head(pooled_mean).float(), dim=-1)
 
     def tag_loss(self, pooled: tuple[Tensor, Tensor], batch: PairBatch) -> Tensor:
         """Binary cross-entropy of "this token is in my text", summed over the vocabulary, per sample."""
@@ -103,8 +103,7 @@ class ContrastiveModule(nn.Module):
 
     def forward(self, batch: PairBatch) -> Tensor:
         pooled = self.pool_media(batch)
-        media = F.normalize(self.media_head(pooled[0]).float(), dim=-1)
-        loss = self.contrastive_loss(media, self.embed_text(batch), batch)
+        loss = self.contrastive_loss(self.embed_media(pooled[0]), self.embed_text(batch), batch)
         if self.tag_weight:
             # Per process, over its own samples: DDP's gradient average makes it the global-batch mean.
             loss = loss + self.tag_weight * self.tag_loss(pooled, batch)
