@@ -118,7 +118,7 @@ def test_replay_data_is_the_base_models_answers_and_leaves_out_the_text_qa_set(t
     records, cut = make_replay(tiny, ["hi", "tell me more"], max_new_tokens=3, progress=False)
     assert len(records) + cut == 2
     # A recipe names replay data relative to itself.
-    for name in ("tinyomni-world.toml", "tinyomni-world-v5.toml"):
+    for name in ("tinyomni-world.toml", "tinyomni-world-v6.toml"):
         recipe = load_recipe(ROOT / "recipes" / name)
         assert Path(recipe.stages[-1].data.replay).is_file()
     with pytest.raises(ConfigError, match="replay"):
@@ -224,21 +224,19 @@ def test_tag_loss_asks_the_encoder_for_every_word_of_its_caption(tiny):
                                                                                  embed_dim=16))
     make = pair_example(tiny.tokenizer, tiny.config, stage)
     batch = collate_pairs([make(i, r, None) for i, r in enumerate(records)], pad_id=0)
+    words = [set(tiny.tokenizer.encode_piece(r["answers"][0])) for r in records]
+    vocabulary = sorted(set.union(*words) | {7})  # 7: a token no caption has
     torch.manual_seed(0)
     encoder = tiny.model.vision_tower
     module = ContrastiveModule(encoder, tiny.config.vision.hidden_size, "vision", len(tiny.tokenizer),
-                               stage.text_tower, "siglip", tag_loss=stage.tag_loss)
+                               stage.text_tower, "siglip", tag_loss=stage.tag_loss, tag_vocabulary=vocabulary)
     pooled = module.pool_media(batch)
-    # The target of sample i is exactly the set of tokens of its caption.
-    words = [set(tiny.tokenizer.encode_piece(r["answers"][0])) for r in records]
+    # The target of sample i over the tag vocabulary is exactly the set of words of its caption.
     logits = module.tag_head(torch.cat(pooled, -1)).float()
-    target = torch.zeros_like(logits)
-    for i, ids in enumerate(words):
-        target[i, sorted(ids)] = 1
+    target = torch.tensor([[float(t in ids) for t in vocabulary] for ids in words])
     expected = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="sum") / 4
     assert torch.allclose(module.tag_loss(pooled, batch), expected)
     # It is added to the contrastive loss, and its gradient reaches the encoder through the tag head.
-    module.tag_head.weight.data.normal_(0, 0.02)
     encoder.zero_grad()
     module.tag_loss(module.pool_media(batch), batch).backward()
     assert encoder.embeddings.patch_embedding.weight.grad.abs().sum() > 0
@@ -247,8 +245,60 @@ def test_tag_loss_asks_the_encoder_for_every_word_of_its_caption(tiny):
     without.load_state_dict(module.state_dict(), strict=False)
     with torch.no_grad():
         assert torch.allclose(module(batch), without(batch) + 0.5 * module.tag_loss(module.pool_media(batch), batch))
+    # A question with its answer is no description ("Is there a red star? no" has no red star, and
+    # leaves the rest of the scene out): it adds nothing to the tag loss.
+    question = world.to_record(world.make_sample("exists", 0, "train", 0))
+    mixed = collate_pairs([make(i, r, None) for i, r in enumerate(records[:2] + [question])], pad_id=0)
+    assert mixed.describes.tolist() == [True, True, False]
+    with torch.no_grad():
+        pooled = module.pool_media(mixed)
+        captions_only = module.tag_loss(tuple(p[:2] for p in pooled), collate_pairs(
+            [make(i, r, None) for i, r in enumerate(records[:2])], pad_id=0))
+        assert torch.allclose(module.tag_loss(pooled, mixed), captions_only * 2 / 3)
     with pytest.raises(ConfigError, match="tag_loss is for contrastive stages"):
         StageSpec(kind="sft", train=["x"], tag_loss=1.0).validate("stages.0")
+
+
+def test_tag_vocabulary_is_the_words_of_the_descriptions(tiny):
+    from tinyomni.train.data import RecordSource, pair_text, tag_vocabulary
+    from tinyomni.train.recipe import TextTowerSpec
+
+    stage = StageSpec(kind="contrastive", tag_loss=1.0, data=DataSpec(skills=["caption", "exists"]),
+                      text_tower=TextTowerSpec(hidden_size=32, layers=1, heads=2, embed_dim=16))
+    source = RecordSource(stage.data)
+    vocabulary = tag_vocabulary(source, tiny.tokenizer, stage, n=40)
+    assert vocabulary == tag_vocabulary(RecordSource(stage.data), tiny.tokenizer, stage, n=40)  # every process
+    records = [source(j)[0] for j in range(40)]
+    captions = {t for r in records if r["task"] == "caption" for t in tiny.tokenizer.encode_piece(pair_text(r))}
+    assert set(vocabulary) == captions  # the questions' words ("Is", "?", "yes") are not tags
+    assert tiny.tokenizer.encode_piece("?")[0] not in vocabulary
+    with pytest.raises(ConfigError, match="tag_loss needs descriptive texts"):
+        tag_vocabulary(RecordSource(DataSpec(skills=["exists"])), tiny.tokenizer, stage, n=10)
+
+
+def test_tag_loss_on_audio_pools_only_the_real_frames(tiny):
+    # Clips of different lengths share a right-padded batch: the padding must change neither the
+    # pooled features nor the tag loss of a clip.
+    from tinyomni.train.contrastive import ContrastiveModule
+    from tinyomni.train.data import PairExample, collate_pairs
+    from tinyomni.train.recipe import TextTowerSpec
+
+    n_mels = tiny.config.audio.num_mel_bins
+    examples = [PairExample(i, torch.randn(n_mels, frames), ids, text)
+                for i, (frames, ids, text) in enumerate([(40, [5, 6, 7], "a b c"), (64, [8, 9], "d e"),
+                                                         (24, [5, 9], "a e")])]
+    module = ContrastiveModule(tiny.model.audio_tower, tiny.config.audio.d_model, "audio", len(tiny.tokenizer),
+                               TextTowerSpec(hidden_size=32, layers=1, heads=2, embed_dim=16), "siglip",
+                               audio_config=tiny.config.audio, tag_loss=1.0, tag_vocabulary=[5, 6, 7, 8, 9]).eval()
+    with torch.no_grad():
+        batch = collate_pairs(examples, pad_id=0)
+        mean, peak = module.pool_media(batch)
+        alone = [module.pool_media(collate_pairs([e], pad_id=0)) for e in examples]
+        assert torch.allclose(mean, torch.cat([m for m, _ in alone]), atol=1e-5)
+        assert torch.allclose(peak, torch.cat([p for _, p in alone]), atol=1e-5)
+        per_clip = [module.tag_loss(p, collate_pairs([e], pad_id=0)) for p, e in zip(alone, examples)]
+        assert torch.allclose(module.tag_loss((mean, peak), batch), sum(per_clip) / 3, atol=1e-4)
+        assert torch.isfinite(module(batch))
 
 
 def test_frozen_batchnorm_keeps_its_running_statistics():
@@ -333,12 +383,13 @@ tower = "vision"
 steps = 4
 batch_size = 4
 lr = 3e-3
+tag_loss = 1.0
 text_tower = { hidden_size = 32, layers = 1, heads = 2, embed_dim = 32 }
-data = { skills = ["color"], difficulty = { image_size = 64 } }
+data = { skills = ["caption", "color"], difficulty = { image_size = 64 } }
 """
 
 
-def test_resume_keeps_the_batchnorm_statistics_of_a_conv_stem(tmp_path):
+def test_resume_keeps_the_batchnorm_statistics_of_a_conv_stem_and_the_tag_head(tmp_path):
     (tmp_path / "stem.toml").write_text(STEM_RECIPE)
     def recipe(out: str):
         return load_recipe(tmp_path / "stem.toml", [f'run.out="{tmp_path / out}"'])
@@ -349,6 +400,7 @@ def test_resume_keeps_the_batchnorm_statistics_of_a_conv_stem(tmp_path):
     b = tinyomni.load(resumed.model_dir).model.vision_tower.embeddings.conv_stem[0].norm
     assert a.num_batches_tracked.item() == b.num_batches_tracked.item() == 4
     assert torch.equal(a.running_var, b.running_var) and not torch.equal(a.running_var, torch.ones(8))
+    assert logged_losses(tmp_path / "a") == logged_losses(tmp_path / "b")[-4:]  # the tag head resumed too
     # The linear probe reads a tower from a training checkpoint too (shaped by the run's recipe.json).
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_vision.py"),
                           str(tmp_path / "b" / "checkpoints" / "step-0000004"), "--train", "40", "--val", "20"],

@@ -107,6 +107,7 @@ class PairExample:
     text: str
     negative_ids: list[list[int]] = field(default_factory=list)
     negatives: list[str | None] = field(default_factory=list)
+    describes: bool = True  # the text says what the media holds (not a question about it): tag_loss's target
 
     @property
     def length(self) -> int:
@@ -167,11 +168,14 @@ def _resolve_part(part: Any, root: Path) -> Any:
 _INSTRUCTION = re.compile(r"\s*Answer (with|yes|left)[^.]*\.")
 
 
+DESCRIPTIVE_TASKS = ("caption", "ocr", "speech_transcribe")
+
+
 def pair_text(record: dict[str, Any]) -> str:
     """The text side of a contrastive pair: a caption or transcript as it is, a question with its
     answer otherwise (without the answer-format instruction, which says nothing about the picture)."""
     answer = record["answers"][0]
-    if record.get("task") in ("caption", "ocr", "speech_transcribe"):
+    if record.get("task") in DESCRIPTIVE_TASKS:
         return answer
     if record.get("choices"):
         answer = record["choices"]["ABCDEFGHIJKLMNOPQRSTUVWXYZ".index(answer)]
@@ -199,6 +203,23 @@ def hard_negative_captions(record: dict[str, Any], k: int, seed: str) -> list[st
         target[attribute] = rng.choice([v for v in choices[attribute] if v != target[attribute]])
         out.append(caption_text([(o["size"], o["color"], o["shape"]) for o in changed]))
     return out
+
+
+def tag_vocabulary(source: RecordSource, tokenizer: Tokenizer, stage: StageSpec, n: int = 512) -> list[int]:
+    """The token ids that occur in the descriptive texts among the stage's first `n` samples: what
+    tag_loss predicts (CatLIP's fixed vocabulary, taken from the data). Samples are pure functions of
+    their index, so every process, and a resumed run, finds the same list."""
+    from tinyomni.errors import ConfigError
+
+    seen: set[int] = set()
+    for j in range(n):
+        record, _ = source(j)
+        if record.get("task") in DESCRIPTIVE_TASKS:
+            seen.update(tokenizer.encode_piece(pair_text(record))[: stage.text_tower.max_length])
+    if not seen:
+        raise ConfigError(f"stage {stage.name!r}: tag_loss needs descriptive texts (captions, rendered words, "
+                          f"transcripts) in its data; the first {n} samples have none")
+    return sorted(seen)
 
 
 def pair_example(tokenizer: Tokenizer, config: Any, stage: StageSpec) -> Callable[[int, dict, Path | None],
@@ -233,7 +254,10 @@ def pair_example(tokenizer: Tokenizer, config: Any, stage: StageSpec) -> Callabl
             if root is not None and isinstance(audio, str):
                 audio = str(root / audio)
             media = log_mel_spectrogram(load_audio(audio), n_mels=config.audio.num_mel_bins)
-        return PairExample(index, media, ids, text, negative_ids, negatives)
+        # A question names one thing, present or not ("Is there a red star? no"), and leaves out the rest
+        # of the scene, so only descriptive texts tell tag_loss which words belong to the media.
+        describes = record.get("task") in DESCRIPTIVE_TASKS
+        return PairExample(index, media, ids, text, negative_ids, negatives, describes)
 
     return make
 
@@ -264,6 +288,7 @@ class PairBatch:
     texts: list[str | None]  # one per text row; None marks a negative row that does not count
     samples: int
     indices: list[int] = field(default_factory=list)
+    describes: Tensor | None = None  # [B] bool: whose text is a description (tag_loss's targets)
 
 
 def collate_chat(examples: list[ChatExample], pad_id: int) -> ChatBatch:
@@ -298,7 +323,8 @@ def collate_pairs(examples: list[PairExample], pad_id: int) -> PairBatch:
             media_mask[i, : e.media.shape[-1]] = True
     else:
         media = torch.stack([e.media for e in examples])
-    return PairBatch(media, media_mask, text, text_mask, texts, len(examples), [e.index for e in examples])
+    return PairBatch(media, media_mask, text, text_mask, texts, len(examples), [e.index for e in examples],
+                     torch.tensor([e.describes for e in examples]))
 
 
 class StageBatches(torch.utils.data.IterableDataset):

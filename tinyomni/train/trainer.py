@@ -37,7 +37,15 @@ from tinyomni.errors import ConfigError
 from tinyomni.model.lora import apply_lora, is_lora_key, merge_lora
 from tinyomni.train import checkpoint as ckpt
 from tinyomni.train.contrastive import ContrastiveModule
-from tinyomni.train.data import IGNORE, ChatBatch, RecordSource, StageBatches, chat_example, pair_example
+from tinyomni.train.data import (
+    IGNORE,
+    ChatBatch,
+    RecordSource,
+    StageBatches,
+    chat_example,
+    pair_example,
+    tag_vocabulary,
+)
 from tinyomni.train.plot import plot_curves
 from tinyomni.train.recipe import EvalSpec, Recipe, StageSpec
 
@@ -399,8 +407,9 @@ class Trainer:
         prefix = "vision_tower." if stage.tower == "vision" else "audio_tower."
         self.trained |= {n for n, p in self.omni.named_parameters() if n.startswith(prefix) and p.requires_grad}
         with api._seeded(self.recipe.run.seed * 1000 + index):
+            tags = tag_vocabulary(RecordSource(stage.data), self.model.tokenizer, stage) if stage.tag_loss else None
             module = ContrastiveModule(encoder, width, stage.tower, len(self.model.tokenizer), stage.text_tower,
-                                       stage.loss, config.audio, stage.tag_loss)
+                                       stage.loss, config.audio, stage.tag_loss, tags)
         # Whisper's sinusoid position table stays fixed, as in the model.
         for name, p in encoder.named_parameters():
             if name.startswith("embed_positions"):
