@@ -11,9 +11,9 @@ positives for each other rather than false negatives.
 With `tag_loss`, a second head on the encoder's pooled features (mean and max over positions)
 predicts which words of the tag vocabulary (the tokens of the data's descriptions) the sample's
 own text contains (CatLIP-style multi-label classification), so every word is a direct target; it
-is thrown away with the text tower. Only descriptive texts
-(captions, rendered words, transcripts) are targets: a question with its answer names one object,
-which may be absent, and leaves out the others.
+is thrown away with the text tower. Only descriptive texts (captions, rendered words, transcripts)
+are targets: a question with its answer names one object, which may be absent, and leaves out the
+others.
 """
 
 from __future__ import annotations

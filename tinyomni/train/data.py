@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tinyomni.errors import InputError
+from tinyomni.errors import ConfigError, InputError
 from tinyomni.processing.chat import ChatProcessor
 from tinyomni.processing.tokenizer import Tokenizer
 from tinyomni.train.recipe import DataSpec, StageSpec
@@ -209,8 +209,6 @@ def tag_vocabulary(source: RecordSource, tokenizer: Tokenizer, stage: StageSpec,
     """The token ids that occur in the descriptive texts among the stage's first `n` samples: what
     tag_loss predicts (CatLIP's fixed vocabulary, taken from the data). Samples are pure functions of
     their index, so every process, and a resumed run, finds the same list."""
-    from tinyomni.errors import ConfigError
-
     seen: set[int] = set()
     for j in range(n):
         record, _ = source(j)

@@ -104,9 +104,10 @@ class StageSpec:
     # (shape, colour or size): in-batch negatives are told apart by colour alone, these are not.
     hard_negatives: int = 0
     # Weight of a bag-of-words loss beside the contrastive one (as in CatLIP, Mehta et al. 2024): the
-    # encoder's pooled features predict which tokens its own text contains. Every word of a caption
-    # (each shape, colour, size) is then a direct target, where in-batch negatives reward only what
-    # tells the batch's captions apart most easily (colours). 0 = off.
+    # encoder's pooled features predict which words of the descriptions (captions, rendered words,
+    # transcripts; not questions) its own text contains. Every word of a caption (each shape, colour,
+    # size) is then a direct target, where in-batch negatives reward only what tells the batch's
+    # captions apart most easily (colours). 0 = off.
     tag_loss: float = 0.0
     text_tower: TextTowerSpec = field(default_factory=TextTowerSpec)
 

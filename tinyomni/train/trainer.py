@@ -406,8 +406,8 @@ class Trainer:
         encoder.requires_grad_(True)
         prefix = "vision_tower." if stage.tower == "vision" else "audio_tower."
         self.trained |= {n for n, p in self.omni.named_parameters() if n.startswith(prefix) and p.requires_grad}
+        tags = tag_vocabulary(RecordSource(stage.data), self.model.tokenizer, stage) if stage.tag_loss else None
         with api._seeded(self.recipe.run.seed * 1000 + index):
-            tags = tag_vocabulary(RecordSource(stage.data), self.model.tokenizer, stage) if stage.tag_loss else None
             module = ContrastiveModule(encoder, width, stage.tower, len(self.model.tokenizer), stage.text_tower,
                                        stage.loss, config.audio, stage.tag_loss, tags)
         # Whisper's sinusoid position table stays fixed, as in the model.
