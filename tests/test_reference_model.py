@@ -42,9 +42,9 @@ def test_the_readme_main_job_gives_the_right_answer(capsys):
     assert "untrained" not in out.err
 
 
-# Chance is 1/8 for colour and 1/6 for count; world-bench measured 40 and 32 (docs/model_card.md), and
-# these 32 samples (greedy, so the same every run) 34 % and 38 %.
-@pytest.mark.parametrize("skill, at_least", [("color", 0.25), ("count", 0.28)])
+# Chance is 1/8 for colour and 1/6 for count and shape; world-bench measured 56, 26 and 32
+# (docs/model_card.md), and these 32 samples (greedy, so the same every run) 31, 28 and 25 %.
+@pytest.mark.parametrize("skill, at_least", [("color", 0.25), ("count", 0.21), ("shape", 0.18)])
 def test_it_answers_questions_about_images_above_chance(reference, skill, at_least):
     samples = list(world.generate([skill], n=32, split="test", seed=1))
     conversations = [world.messages(world.to_record(s), with_answer=False) for s in samples]
