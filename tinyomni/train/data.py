@@ -171,11 +171,17 @@ _INSTRUCTION = re.compile(r"\s*Answer (with|yes|left)[^.]*\.")
 DESCRIPTIVE_TASKS = ("caption", "ocr", "speech_transcribe")
 
 
+def is_description(record: dict[str, Any]) -> bool:
+    """Whether the record's text says what its media holds (a caption, rendered words, a transcript)
+    rather than asking about one thing in it: the contrastive text as it is, and tag_loss's target."""
+    return record.get("task") in DESCRIPTIVE_TASKS
+
+
 def pair_text(record: dict[str, Any]) -> str:
     """The text side of a contrastive pair: a caption or transcript as it is, a question with its
     answer otherwise (without the answer-format instruction, which says nothing about the picture)."""
     answer = record["answers"][0]
-    if record.get("task") in DESCRIPTIVE_TASKS:
+    if is_description(record):
         return answer
     if record.get("choices"):
         answer = record["choices"]["ABCDEFGHIJKLMNOPQRSTUVWXYZ".index(answer)]
@@ -212,7 +218,7 @@ def tag_vocabulary(source: RecordSource, tokenizer: Tokenizer, stage: StageSpec,
     seen: set[int] = set()
     for j in range(n):
         record, _ = source(j)
-        if record.get("task") in DESCRIPTIVE_TASKS:
+        if is_description(record):
             seen.update(tokenizer.encode_piece(pair_text(record))[: stage.text_tower.max_length])
     if not seen:
         raise ConfigError(f"stage {stage.name!r}: tag_loss needs descriptive texts (captions, rendered words, "
@@ -254,8 +260,7 @@ def pair_example(tokenizer: Tokenizer, config: Any, stage: StageSpec) -> Callabl
             media = log_mel_spectrogram(load_audio(audio), n_mels=config.audio.num_mel_bins)
         # A question names one thing, present or not ("Is there a red star? no"), and leaves out the rest
         # of the scene, so only descriptive texts tell tag_loss which words belong to the media.
-        describes = record.get("task") in DESCRIPTIVE_TASKS
-        return PairExample(index, media, ids, text, negative_ids, negatives, describes)
+        return PairExample(index, media, ids, text, negative_ids, negatives, is_description(record))
 
     return make
 
