@@ -1,4 +1,5 @@
-"""Linear probe of a model's vision tower: does it encode which colours and which shapes are in a scene?
+"""Linear probes of a model's vision tower: does it encode which colours and which shapes are in a scene,
+and which colour and shape each object has?
 
     python scripts/probe_vision.py tinyomni/models/tinyomni-world
     python scripts/probe_vision.py runs/tinyomni-world/model --random   # and a random tower of that shape
@@ -7,14 +8,20 @@
 The tower's last hidden states on world caption scenes (train split to fit, val split to score) are
 pooled (mean and max over patches), and one logistic regression per label is fitted: "is there a red
 object", ..., "is there a hexagon". A tower that encodes shapes scores well above the majority guess on
-the shape labels; the model card and docs/training.md quote these numbers. The LLM is not involved,
-so this tells an encoder problem from a decoder one in a minute.
+the shape labels; the model card and docs/training.md quote these numbers.
+
+The second table is per object: one softmax regression reads an object's shape (and one its colour)
+from the single token at the object's centre: the tower's patch there and, for a model directory,
+the projected token the LLM receives there (after pixel shuffle and the projector). "What colour is
+the star?" needs exactly that binding. The LLM is not involved, so this tells an encoder (or projector)
+problem from a decoder one in a minute.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +37,11 @@ from tinyomni.model.vision import VisionEncoder
 from tinyomni.world.render import COLORS, SHAPES
 
 
-def scenes(n: int, split: str, size: int, mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """n caption scenes as normalised pixels [n, 3, size, size] and labels [n, colours + shapes]."""
-    pixels, labels = [], []
+def scenes(n: int, split: str, size: int, mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor,
+                                                                           list[list[dict]]]:
+    """n caption scenes as normalised pixels [n, 3, size, size], labels [n, colours + shapes] and each
+    scene's objects (shape, colour, centre x and y as fractions of the side)."""
+    pixels, labels, objects = [], [], []
     for index in range(n):
         sample = world.make_sample("caption", index=index, split=split, seed=0)
         image = sample.images[0].convert("RGB").resize((size, size))
@@ -43,37 +52,62 @@ def scenes(n: int, split: str, size: int, mean: tuple, std: tuple) -> tuple[torc
             y[list(COLORS).index(obj["color"])] = 1
             y[len(COLORS) + list(SHAPES).index(obj["shape"])] = 1
         labels.append(y)
-    return torch.stack(pixels), torch.stack(labels)
+        objects.append(sample.meta["objects"])
+    return torch.stack(pixels), torch.stack(labels), objects
 
 
 @torch.no_grad()
-def features(tower: VisionEncoder, pixels: torch.Tensor) -> torch.Tensor:
-    out = torch.cat([tower(pixels[i : i + 50])[:, tower.num_prefix_tokens :] for i in range(0, len(pixels), 50)])
-    return torch.cat([out.mean(1), out.amax(1)], -1).float()
+def patches(tower: VisionEncoder, pixels: torch.Tensor) -> torch.Tensor:
+    """The tower's last hidden states without prefix tokens: [n, patches, width]."""
+    return torch.cat([tower(pixels[i : i + 50])[:, tower.num_prefix_tokens :] for i in range(0, len(pixels), 50)])
 
 
-def probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor) -> torch.Tensor:
-    """Per-label validation accuracy of L2-regularised logistic regressions on standardised features."""
+def pooled(tokens: torch.Tensor) -> torch.Tensor:
+    return torch.cat([tokens.mean(1), tokens.amax(1)], -1).float()
+
+
+def at_centres(tokens: torch.Tensor, objects: list[list[dict]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each object's token (the grid cell holding its centre) of [n, side², width] tokens, with the
+    object's shape and colour indices."""
+    side = int(tokens.shape[1] ** 0.5)
+    rows, shapes, colours = [], [], []
+    for k, scene in enumerate(objects):
+        for obj in scene:
+            row, col = min(int(obj["y"] * side), side - 1), min(int(obj["x"] * side), side - 1)
+            rows.append(tokens[k, row * side + col])
+            shapes.append(list(SHAPES).index(obj["shape"]))
+            colours.append(list(COLORS).index(obj["color"]))
+    return torch.stack(rows).float(), torch.tensor(shapes), torch.tensor(colours)
+
+
+def probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+          classes: int | None = None) -> torch.Tensor:
+    """Validation accuracy of L2-regularised linear probes on standardised features: per label of
+    multi-hot targets [n, labels] (logistic), or overall for class indices [n] (softmax, `classes`)."""
     mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
     train_x, val_x = (train_x - mu) / sd, (val_x - mu) / sd
-    head = torch.nn.Linear(train_x.shape[1], train_y.shape[1])
+    head = torch.nn.Linear(train_x.shape[1], classes or train_y.shape[1])
     optimizer = torch.optim.LBFGS(head.parameters(), max_iter=300, line_search_fn="strong_wolfe")
+    F = torch.nn.functional
+    loss_fn = F.cross_entropy if classes else F.binary_cross_entropy_with_logits
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(train_x), train_y)
-        loss = loss + 1e-3 * head.weight.pow(2).sum()
+        loss = loss_fn(head(train_x), train_y) + 1e-3 * head.weight.pow(2).sum()
         loss.backward()
         return loss
 
     optimizer.step(closure)
     with torch.no_grad():
+        if classes:
+            return (head(val_x).argmax(1) == val_y).float().mean()
         return ((head(val_x) > 0).float() == val_y).float().mean(0)
 
 
-def load_tower(path: Path) -> tuple[VisionEncoder, VisionConfig]:
+def load_tower(path: Path) -> tuple[VisionEncoder, VisionConfig, Callable[[torch.Tensor], torch.Tensor] | None]:
     """The vision tower of a model directory (or tinyomni-world), or of a training checkpoint
-    (`<run>/checkpoints/step-N`, shaped by the run's recipe.json) while the run goes on."""
+    (`<run>/checkpoints/step-N`, shaped by the run's recipe.json) while the run goes on; and for a
+    model directory, what turns pixels into the tokens the LLM receives (None for a checkpoint)."""
     if (path / "state.json").is_file() and (path / "weights.safetensors").is_file():
         recipe = json.loads((path.parent.parent / "recipe.json").read_text())
         config = VisionConfig(**recipe["model"]["vision"])
@@ -86,11 +120,17 @@ def load_tower(path: Path) -> tuple[VisionEncoder, VisionConfig]:
         if missing:
             raise SystemExit(f"{path} does not hold the whole vision tower (missing {sorted(missing)[:3]})")
         tower.load_state_dict(state)
-        return tower, config
+        return tower, config, None
     model = tinyomni.load(str(path))
     if model.config.vision is None:
         raise SystemExit(f"{path} has no vision tower")
-    return model.model.vision_tower, model.config.vision
+    omni = model.model.float().eval()
+
+    @torch.no_grad()
+    def llm_tokens(pixels: torch.Tensor) -> torch.Tensor:
+        return torch.cat([omni.encode_images(pixels[i : i + 50]) for i in range(0, len(pixels), 50)])
+
+    return omni.vision_tower, model.config.vision, llm_tokens
 
 
 def main() -> None:
@@ -101,26 +141,47 @@ def main() -> None:
     parser.add_argument("--random", action="store_true", help="also probe a randomly initialised tower")
     args = parser.parse_args()
     torch.manual_seed(0)
-    trained, config = load_tower(Path(args.model))
+    trained, config, llm_tokens = load_tower(Path(args.model))
     console = Console()
     with console.status(f"rendering {args.train} + {args.val} scenes"):
-        train_pixels, train_y = scenes(args.train, "train", config.image_size, config.image_mean, config.image_std)
-        val_pixels, val_y = scenes(args.val, "val", config.image_size, config.image_mean, config.image_std)
+        train_pixels, train_y, train_objects = scenes(args.train, "train", config.image_size, config.image_mean,
+                                                      config.image_std)
+        val_pixels, val_y, val_objects = scenes(args.val, "val", config.image_size, config.image_mean,
+                                                config.image_std)
     towers = {"trained": trained.float().eval()}
     if args.random:
         towers["random"] = VisionEncoder(config).eval()
-    table = Table(title=f"linear probe of {args.model}'s vision tower ({args.train} train / {args.val} val scenes)")
-    for column in ("tower", "colour acc %", "shape acc %"):
-        table.add_column(column, justify="right")
+    scene_table = Table(title=f"linear probe of {args.model}'s vision tower, pooled "
+                              f"({args.train} train / {args.val} val scenes)")
+    object_table = Table(title="per object: the token at its centre -> its shape, its colour (val objects)")
+    for table, columns in ((scene_table, ("tower", "colour acc %", "shape acc %")),
+                           (object_table, ("token", "shape acc %", "colour acc %"))):
+        for column in columns:
+            table.add_column(column, justify="right")
     majority = torch.maximum(val_y.mean(0), 1 - val_y.mean(0))
     colours, shapes = slice(0, len(COLORS)), slice(len(COLORS), None)
-    table.add_row("majority guess", f"{100 * majority[colours].mean():.1f}", f"{100 * majority[shapes].mean():.1f}")
+    scene_table.add_row("majority guess", f"{100 * majority[colours].mean():.1f}",
+                        f"{100 * majority[shapes].mean():.1f}")
+    _, val_shapes, val_colours = at_centres(torch.zeros(len(val_objects), 1, 1), val_objects)
+    object_table.add_row("majority guess", f"{100 * val_shapes.bincount().max() / len(val_shapes):.1f}",
+                         f"{100 * val_colours.bincount().max() / len(val_colours):.1f}")
+
+    def add_object_row(name: str, train_tokens: torch.Tensor, val_tokens: torch.Tensor) -> None:
+        (tx, ts, tc), (vx, vs, vc) = at_centres(train_tokens, train_objects), at_centres(val_tokens, val_objects)
+        object_table.add_row(name, f"{100 * probe(tx, ts, vx, vs, classes=len(SHAPES)):.1f}",
+                             f"{100 * probe(tx, tc, vx, vc, classes=len(COLORS)):.1f}")
+
     for name, tower in towers.items():
         with console.status(f"encoding and probing ({name} tower)"):
-            acc = probe(features(tower, train_pixels), train_y, features(tower, val_pixels), val_y)
-        table.add_row(name, f"{100 * acc[colours].mean():.1f}", f"{100 * acc[shapes].mean():.1f}")
-    console.print(table)
-
+            train_tokens, val_tokens = patches(tower, train_pixels), patches(tower, val_pixels)
+            acc = probe(pooled(train_tokens), train_y, pooled(val_tokens), val_y)
+            scene_table.add_row(name, f"{100 * acc[colours].mean():.1f}", f"{100 * acc[shapes].mean():.1f}")
+            add_object_row(f"{name} tower's patch", train_tokens, val_tokens)
+    if llm_tokens is not None:
+        with console.status("projecting and probing (the LLM's input tokens)"):
+            add_object_row("LLM input token (projected)", llm_tokens(train_pixels), llm_tokens(val_pixels))
+    console.print(scene_table)
+    console.print(object_table)
 
 if __name__ == "__main__":
     main()

@@ -406,6 +406,7 @@ def test_resume_keeps_the_batchnorm_statistics_of_a_conv_stem_and_the_tag_head(t
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "majority guess" in out.stdout and "trained" in out.stdout
+    assert "trained tower's patch" in out.stdout  # the per-object probe (a checkpoint has no projector row)
 
 
 KILLED_RUN = """

@@ -1,0 +1,54 @@
+"""The diagnostic scripts the model card quotes: they must count what they say they count."""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_text_binding_questions_name_one_object_and_answer_with_its_attribute():
+    text_binding = script("text_binding")
+    for asked in ("color", "shape"):
+        questions = text_binding.scenes(50, seed=0, asked=asked)
+        assert len(questions) == 50
+        for question, answer, chance in questions:
+            scene, ask = re.match(r"The image shows (.*)\. What (?:color|shape) is the (.*?)\?", question).groups()
+            objects = [o.split() for o in re.split(r", | and ", scene)]  # ["a", colour, shape]
+            assert 2 <= len(objects) <= 5
+            named = [o for o in objects if (o[2] if asked == "color" else o[1]) == ask.removesuffix(" object")]
+            assert len(named) == 1  # "the star" is one object
+            assert answer == (named[0][1] if asked == "color" else named[0][2])
+            assert chance == 1 / len({o[1] if asked == "color" else o[2] for o in objects})
+    assert text_binding.first_word_of("The star is a Red star.", ["red", "blue"]) == "red"
+    assert text_binding.first_word_of("I cannot tell.", ["red"]) is None
+
+
+def test_binding_errors_tells_unbound_answers_from_unseen_ones(tmp_path):
+    objects = [{"shape": "star", "color": "red"}, {"shape": "circle", "color": "blue"}]
+    records = [{"id": f"c{i}", "task": "color", "meta": {"objects": objects}} for i in range(4)]
+    predictions = [  # right, wrong but in the picture (twice), wrong and not in the picture
+        {"id": "c0", "task": "color", "prediction": "red", "score": 1.0},
+        {"id": "c1", "task": "color", "prediction": "blue", "score": 0.0},
+        {"id": "c2", "task": "color", "prediction": "Blue", "score": 0.0},
+        {"id": "c3", "task": "color", "prediction": "green", "score": 0.0},
+    ]
+    for name, rows in (("records.jsonl", records), ("predictions.jsonl", predictions)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "binding_errors.py"),
+                          str(tmp_path / "predictions.jsonl"), str(tmp_path / "records.jsonl")],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+    row = next(line for line in out.stdout.splitlines() if " color " in line)
+    assert [c.strip() for c in row.strip("│ ").split("│")] == ["color", "4", "25", "50", "25", "50.0"]
