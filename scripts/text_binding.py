@@ -9,12 +9,20 @@ the world skills draw them (2-5 objects; unique shapes for colour questions, uni
 questions). The answer's first colour (or shape) word counts, so a sentence answer is not penalised.
 "Guess among named" is the score of picking one of the scene's colours (shapes) at random: a model
 that knows what is there but not what goes with what scores about that.
+
+`--write-training FILE` writes instead what v8c (run 8 of docs/training.md) trained on: the SmolLM2 replay
+records plus as many written-out scenes (train-split colour-shape pairs, other wording: "In a picture
+there are ...") with four questions each in the world skills' words, for a chat stage's `replay`:
+
+    python scripts/text_binding.py --write-training runs/replay_binding.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -53,12 +61,43 @@ def first_word_of(answer: str, vocabulary: tuple[str, ...] | list[str]) -> str |
     return next((w for w in words if w in vocabulary), None)
 
 
+def training_records(replay: Path, n: int, seed: str = "text-binding-train") -> list[dict]:
+    """The records of `replay` followed by `n` written-out scenes, each with four questions."""
+    from tinyomni.world.skills import scene_questions
+    from tinyomni.world.splits import pairs
+
+    rng = random.Random(seed)
+    allowed = pairs("train")
+    records = [json.loads(line) for line in replay.read_text().splitlines() if line.strip()]
+    for i in range(n):
+        objects = [dict(zip(("color", "shape"), rng.choice(allowed))) for _ in range(rng.randint(2, 6))]
+        words = [f"a {o['color']} {o['shape']}" for o in objects]
+        scene = ", ".join(words[:-1]) + f" and {words[-1]}"
+        messages = []
+        for j, (question, answer) in enumerate(scene_questions(objects, rng, "train", 4)):
+            intro = f"In a picture there are {scene}. " if j == 0 else ""
+            messages += [{"role": "user", "content": intro + question}, {"role": "assistant", "content": answer}]
+        records.append({"id": f"bind-{i:04d}", "messages": messages})
+    return records
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="+", help="models to ask (smollm2, tinyomni-world, a directory)")
+    parser.add_argument("models", nargs="*", help="models to ask (smollm2, tinyomni-world, a directory)")
     parser.add_argument("--n", type=int, default=100, help="questions per kind")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--write-training", type=Path, metavar="FILE", help="write training records instead")
+    parser.add_argument("--replay", type=Path, default=Path(__file__).parents[1] / "recipes/data/smollm2_replay.jsonl",
+                        help="replay records to start the training file with")
+    parser.add_argument("--scenes", type=int, default=220, help="written-out scenes in the training file")
     args = parser.parse_args()
+    if args.write_training:
+        records = training_records(args.replay, args.scenes)
+        args.write_training.write_text("".join(json.dumps(r) + "\n" for r in records))
+        print(f"{len(records)} records written to {args.write_training}")
+        return
+    if not args.models:
+        parser.error("name at least one model (or --write-training FILE)")
     questions = {asked: scenes(args.n, args.seed, asked) for asked in ("color", "shape")}
     table = Table(title=f"binding in text: {args.n} questions per kind (accuracy %)")
     for column in ("model", "colour", "shape"):

@@ -52,3 +52,25 @@ def test_binding_errors_tells_unbound_answers_from_unseen_ones(tmp_path):
     assert out.returncode == 0, out.stderr
     row = next(line for line in out.stdout.splitlines() if " color " in line)
     assert [c.strip() for c in row.strip("│ ").split("│")] == ["color", "4", "25", "50", "25", "50.0"]
+
+
+def test_text_binding_training_records_follow_the_replay_and_answer_from_their_scene(tmp_path):
+    text_binding = script("text_binding")
+    replay = tmp_path / "replay.jsonl"
+    hello = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    replay.write_text(json.dumps({"id": "replay-0000", "messages": hello}) + "\n")
+    records = text_binding.training_records(replay, 30)
+    assert len(records) == 31 and records[0]["id"] == "replay-0000"
+    checked = 0
+    color_question = r"What (?:color is|is the color of) the (\w+)\?|Which color does the (\w+) have\?"
+    for record in records[1:]:
+        first = record["messages"][0]["content"]
+        scene = re.match(r"In a picture there are (.*?)\. ", first).group(1)
+        objects = [o.split()[1:] for o in re.split(r", | and ", scene)]  # [colour, shape]
+        for question, answer in zip(record["messages"][::2], record["messages"][1::2]):
+            asked = re.search(color_question, question["content"])
+            if asked:
+                shape = next(g for g in asked.groups() if g)
+                assert [c for c, s in objects if s == shape] == [answer["content"]]
+                checked += 1
+    assert checked > 5
