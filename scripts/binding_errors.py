@@ -14,17 +14,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-ASKED = {"color": "color", "shape": "shape"}  # task → the object attribute its answer names
+from tinyomni.world.writers import read_records
+
+ASKED = ("color", "shape")  # each task's answer names that attribute of an object
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read(path: Path, what: str) -> list[dict]:
+    if not path.is_file():
+        sys.exit(f"error: {what} not found: {path}")
+    try:
+        return read_records(path)
+    except json.JSONDecodeError as e:
+        sys.exit(f"error: {path} is not JSONL ({e})")
 
 
 def main() -> None:
@@ -32,18 +40,22 @@ def main() -> None:
     parser.add_argument("predictions", type=Path, help="predictions.jsonl of `tinyomni eval run`")
     parser.add_argument("records", type=Path, help="the task JSONL it ran on (world records, with meta.objects)")
     args = parser.parse_args()
-    records = {r["id"]: r for r in read_jsonl(args.records)}
+    records = {r["id"]: r for r in read(args.records, "records")}
+    predictions = read(args.predictions, "predictions")
     table = Table(title=f"colour and shape answers of {args.predictions}")
     for column in ("task", "n", "right %", "wrong, present %", "wrong, absent %", "guess among present %"):
         table.add_column(column, justify="right")
-    for task, attribute in ASKED.items():
+    for task in ASKED:
         counts: Counter[str] = Counter()
         chance = 0.0
-        for p in read_jsonl(args.predictions):
+        for p in predictions:
             record = records.get(p["id"])
             if p["task"] != task or record is None:
                 continue
-            present = {o[attribute] for o in record["meta"]["objects"]}
+            objects = (record.get("meta") or {}).get("objects")
+            if not objects:
+                sys.exit(f"error: record {p['id']} in {args.records} has no meta.objects (a world record is needed)")
+            present = {o[task] for o in objects}
             chance += 1 / len(present)
             counts["right" if p["score"] > 0 else "present" if p["prediction"].strip().lower() in present
                    else "absent"] += 1

@@ -66,18 +66,23 @@ def pooled(tokens: torch.Tensor) -> torch.Tensor:
     return torch.cat([tokens.mean(1), tokens.amax(1)], -1).float()
 
 
-def at_centres(tokens: torch.Tensor, objects: list[list[dict]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each object's token (the grid cell holding its centre) of [n, side², width] tokens, with the
-    object's shape and colour indices."""
+def object_labels(objects: list[list[dict]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every object's shape and colour index, scene by scene."""
+    flat = [obj for scene in objects for obj in scene]
+    return (torch.tensor([list(SHAPES).index(o["shape"]) for o in flat]),
+            torch.tensor([list(COLORS).index(o["color"]) for o in flat]))
+
+
+def at_centres(tokens: torch.Tensor, objects: list[list[dict]]) -> torch.Tensor:
+    """Each object's token (the grid cell holding its centre) of [n, side², width] tokens, in the
+    order of `object_labels`."""
     side = int(tokens.shape[1] ** 0.5)
-    rows, shapes, colours = [], [], []
+    rows = []
     for k, scene in enumerate(objects):
         for obj in scene:
             row, col = min(int(obj["y"] * side), side - 1), min(int(obj["x"] * side), side - 1)
             rows.append(tokens[k, row * side + col])
-            shapes.append(list(SHAPES).index(obj["shape"]))
-            colours.append(list(COLORS).index(obj["color"]))
-    return torch.stack(rows).float(), torch.tensor(shapes), torch.tensor(colours)
+    return torch.stack(rows).float()
 
 
 def probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
@@ -124,7 +129,9 @@ def load_tower(path: Path) -> tuple[VisionEncoder, VisionConfig, Callable[[torch
     model = tinyomni.load(str(path))
     if model.config.vision is None:
         raise SystemExit(f"{path} has no vision tower")
-    omni = model.model.float().eval()
+    omni = model.model.eval()
+    omni.vision_tower.float()  # the LLM is not needed here, so only what makes its input tokens is widened
+    omni.multi_modal_projector.float()
 
     @torch.no_grad()
     def llm_tokens(pixels: torch.Tensor) -> torch.Tensor:
@@ -162,14 +169,14 @@ def main() -> None:
     colours, shapes = slice(0, len(COLORS)), slice(len(COLORS), None)
     scene_table.add_row("majority guess", f"{100 * majority[colours].mean():.1f}",
                         f"{100 * majority[shapes].mean():.1f}")
-    _, val_shapes, val_colours = at_centres(torch.zeros(len(val_objects), 1, 1), val_objects)
+    train_labels, (val_shapes, val_colours) = object_labels(train_objects), object_labels(val_objects)
     object_table.add_row("majority guess", f"{100 * val_shapes.bincount().max() / len(val_shapes):.1f}",
                          f"{100 * val_colours.bincount().max() / len(val_colours):.1f}")
 
     def add_object_row(name: str, train_tokens: torch.Tensor, val_tokens: torch.Tensor) -> None:
-        (tx, ts, tc), (vx, vs, vc) = at_centres(train_tokens, train_objects), at_centres(val_tokens, val_objects)
-        object_table.add_row(name, f"{100 * probe(tx, ts, vx, vs, classes=len(SHAPES)):.1f}",
-                             f"{100 * probe(tx, tc, vx, vc, classes=len(COLORS)):.1f}")
+        train_x, val_x = at_centres(train_tokens, train_objects), at_centres(val_tokens, val_objects)
+        object_table.add_row(name, f"{100 * probe(train_x, train_labels[0], val_x, val_shapes, len(SHAPES)):.1f}",
+                             f"{100 * probe(train_x, train_labels[1], val_x, val_colours, len(COLORS)):.1f}")
 
     for name, tower in towers.items():
         with console.status(f"encoding and probing ({name} tower)"):

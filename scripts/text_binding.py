@@ -21,17 +21,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 import tinyomni
+from tinyomni.errors import TinyOmniError
 from tinyomni.world.render import COLORS, SHAPES
 
 COLOR_Q = "The image shows {scene}. What color is the {shape}? Answer with a single word."
 SHAPE_Q = "The image shows {scene}. What shape is the {color} object? Answer with a single word."
+
+
+def written(objects: list[tuple[str, str]]) -> str:
+    """(colour, shape) pairs as words: "a red star, a blue circle and a green square"."""
+    words = [f"a {c} {s}" for c, s in objects]
+    return ", ".join(words[:-1]) + f" and {words[-1]}"
 
 
 def scenes(n: int, seed: int, asked: str) -> list[tuple[str, str, float]]:
@@ -46,8 +55,7 @@ def scenes(n: int, seed: int, asked: str) -> list[tuple[str, str, float]]:
         else:  # unique colours: "the red object" names one object
             colors = rng.sample(list(COLORS), k)
             shapes = [rng.choice(list(SHAPES)) for _ in colors]
-        objects = [f"a {c} {s}" for c, s in zip(colors, shapes)]
-        scene = ", ".join(objects[:-1]) + f" and {objects[-1]}"
+        scene = written(list(zip(colors, shapes)))
         t = rng.randrange(k)
         if asked == "color":
             out.append((COLOR_Q.format(scene=scene, shape=shapes[t]), colors[t], 1 / len(set(colors))))
@@ -71,8 +79,7 @@ def training_records(replay: Path, n: int, seed: str = "text-binding-train") -> 
     records = [json.loads(line) for line in replay.read_text().splitlines() if line.strip()]
     for i in range(n):
         objects = [dict(zip(("color", "shape"), rng.choice(allowed))) for _ in range(rng.randint(2, 6))]
-        words = [f"a {o['color']} {o['shape']}" for o in objects]
-        scene = ", ".join(words[:-1]) + f" and {words[-1]}"
+        scene = written([(o["color"], o["shape"]) for o in objects])
         messages = []
         for j, (question, answer) in enumerate(scene_questions(objects, rng, "train", 4)):
             intro = f"In a picture there are {scene}. " if j == 0 else ""
@@ -92,8 +99,12 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=220, help="written-out scenes in the training file")
     args = parser.parse_args()
     if args.write_training:
+        if not args.replay.is_file():
+            sys.exit(f"error: replay records not found: {args.replay}")
         records = training_records(args.replay, args.scenes)
-        args.write_training.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp = args.write_training.with_name(args.write_training.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, args.write_training)
         print(f"{len(records)} records written to {args.write_training}")
         return
     if not args.models:
@@ -106,7 +117,10 @@ def main() -> None:
                                          for a in ("color", "shape")))
     console = Console()
     for name in args.models:
-        model = tinyomni.load(name)
+        try:
+            model = tinyomni.load(name)
+        except TinyOmniError as e:
+            sys.exit(f"error: {e}")
         scores = []
         for asked, vocabulary in (("color", COLORS), ("shape", SHAPES)):
             with console.status(f"{name}: {asked} questions"):
