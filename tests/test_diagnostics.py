@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def script(name: str):
+    sys.path.insert(0, str(ROOT / "scripts"))  # scripts import each other's helpers
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -74,3 +75,19 @@ def test_text_binding_training_records_follow_the_replay_and_answer_from_their_s
                 assert [c for c, s in objects if s == shape] == [answer["content"]]
                 checked += 1
     assert checked > 5
+
+
+def test_word_tokens_writes_each_object_as_its_words_where_the_script_says():
+    import torch
+
+    word_tokens = script("word_tokens")
+    word = {w: torch.full((4,), float(i + 1)) for i, w in enumerate(["red", "star", "blue", "circle"])}
+    tokens = torch.zeros(1, 25, 4)
+    objects = [{"color": "red", "shape": "star", "x": 0.1, "y": 0.1},  # grid cell (0, 0)
+               {"color": "blue", "shape": "circle", "x": 0.99, "y": 0.5}]  # cell (2, 4)
+    assert word_tokens.replace_tokens(tokens, objects, "picture", word) is tokens
+    centre = word_tokens.replace_tokens(tokens, objects, "centre", word)
+    assert centre[0, 0].tolist() == [3.0] * 4 and centre[0, 2 * 5 + 4].tolist() == [7.0] * 4
+    assert centre[0].abs().sum(-1).nonzero().flatten().tolist() == [0, 14] and tokens.abs().sum() == 0
+    words = word_tokens.replace_tokens(tokens, objects, "words", word)
+    assert words[0, :5, 0].tolist() == [1.0, 2.0, 3.0, 4.0, 0.0]
