@@ -73,16 +73,18 @@ def object_labels(objects: list[list[dict]]) -> tuple[torch.Tensor, torch.Tensor
             torch.tensor([list(COLORS).index(o["color"]) for o in flat]))
 
 
+def centre_cell(obj: dict, side: int) -> int:
+    """Index, in a row-major side x side token grid, of the cell holding a world object's centre."""
+    row, col = min(int(obj["y"] * side), side - 1), min(int(obj["x"] * side), side - 1)
+    return row * side + col
+
+
 def at_centres(tokens: torch.Tensor, objects: list[list[dict]]) -> torch.Tensor:
     """Each object's token (the grid cell holding its centre) of [n, side², width] tokens, in the
     order of `object_labels`."""
     side = int(tokens.shape[1] ** 0.5)
-    rows = []
-    for k, scene in enumerate(objects):
-        for obj in scene:
-            row, col = min(int(obj["y"] * side), side - 1), min(int(obj["x"] * side), side - 1)
-            rows.append(tokens[k, row * side + col])
-    return torch.stack(rows).float()
+    return torch.stack([tokens[k, centre_cell(obj, side)] for k, scene in enumerate(objects)
+                        for obj in scene]).float()
 
 
 def probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,

@@ -31,10 +31,11 @@ from rich.table import Table
 import tinyomni
 from tinyomni.errors import TinyOmniError
 from tinyomni.world.render import COLORS, SHAPES
-from tinyomni.world.writers import read_records
 
-sys.path.insert(0, str(Path(__file__).parent))
-from text_binding import first_word_of  # noqa: E402  (the same scoring as the written-out scenes)
+sys.path.insert(0, str(Path(__file__).parent))  # the sibling diagnostics' helpers, so all three agree
+from binding_errors import read  # noqa: E402
+from probe_vision import centre_cell  # noqa: E402
+from text_binding import first_word_of  # noqa: E402
 
 MODES = ("picture", "centre", "words")
 VOCABULARY = {"color": list(COLORS), "shape": list(SHAPES)}
@@ -49,20 +50,23 @@ def replace_tokens(tokens: torch.Tensor, objects: list[dict], mode: str,
     side = int(tokens.shape[1] ** 0.5)
     if mode == "centre":
         for obj in objects:
-            row, col = min(int(obj["y"] * side), side - 1), min(int(obj["x"] * side), side - 1)
-            tokens[0, row * side + col] = word[obj["color"]] + word[obj["shape"]]
+            tokens[0, centre_cell(obj, side)] = word[obj["color"]] + word[obj["shape"]]
     else:
         sequence = [word[obj[key]] for obj in objects for key in ("color", "shape")][: tokens.shape[1]]
         tokens[0, : len(sequence)] = torch.stack(sequence)
     return tokens
 
 
-def score(model: tinyomni.Model, records: list[dict], root: Path, mode: str, console: Console) -> dict[str, float]:
+def word_vectors(model: tinyomni.Model) -> dict[str, torch.Tensor]:
+    """Each colour and shape word as the decoder's own input embedding (a multi-token word: their mean)."""
+    return {w: model.model.language_model.embed(torch.tensor(model.tokenizer.encode(" " + w))).mean(0)
+            for w in VOCABULARY["color"] + VOCABULARY["shape"]}
+
+
+def score(model: tinyomni.Model, records: list[dict], root: Path, mode: str, word: dict[str, torch.Tensor],
+          console: Console) -> dict[str, float]:
     omni = model.model
     encode = omni.encode_images
-    # The word vectors are the decoder's own input embeddings (a multi-token word: their mean).
-    word = {w: omni.language_model.embed(torch.tensor(model.tokenizer.encode(" " + w))).mean(0)
-            for w in VOCABULARY["color"] + VOCABULARY["shape"]}
     current: list[dict] = []
 
     def encode_with_words(pixel_values: torch.Tensor) -> torch.Tensor:
@@ -90,9 +94,7 @@ def main() -> None:
     parser.add_argument("records", type=Path, help="a world JSONL with colour and shape questions")
     parser.add_argument("models", nargs="+", help="models to ask (tinyomni-world, a directory)")
     args = parser.parse_args()
-    if not args.records.is_file():
-        sys.exit(f"error: records not found: {args.records}")
-    records = [r for r in read_records(args.records) if r.get("task") in VOCABULARY]
+    records = [r for r in read(args.records, "records") if r.get("task") in VOCABULARY]
     if not records:
         sys.exit(f"error: {args.records} has no color or shape questions "
                  "(tinyomni world generate --skills color,shape)")
@@ -113,8 +115,9 @@ def main() -> None:
             sys.exit(f"error: {name} has no vision tower")
         model.model.float()
         with torch.no_grad():
+            word = word_vectors(model)
             for mode in MODES:
-                scores = score(model, records, args.records.parent, mode, console)
+                scores = score(model, records, args.records.parent, mode, word, console)
                 table.add_row(name, mode, f"{scores['color']:.1f}", f"{scores['shape']:.1f}")
     console.print(table)
 
