@@ -1,22 +1,25 @@
-"""Metrics, each written from its published definition and tested on hand-computed cases.
+"""Metrics, each written from the script the field reports with and tested on hand-computed cases.
 
 Per item, `METRICS[name](prediction, answers, choices)` gives a score in [0, 1]. Metrics that are
 defined over a whole set (POPE's precision/recall, MME's acc+, corpus WER, circular multiple choice)
 are computed by `summarize(metric, rows)` from the per-item prediction rows the runner writes.
 
-- exact_match: EvalAI (VQA) answer normalisation on both sides, then equality with any answer.
+Each metric's docstring names the reference script it follows and every place where it deliberately
+differs; docs/world_and_eval.md has the same as a table. In short:
+
+- exact_match: the official VQA normalisation (vqaEval.py) on both sides, then equality with any answer.
 - contains: the same normalisation, then any answer occurring as whole words inside the prediction
-  (for chat models that answer "The capital of France is Paris." to "Paris"); lenient, so use it
-  for open questions with one short answer, never for yes/no or numbers that could appear by chance.
-- vqa: VQA soft accuracy: the mean over the leave-one-out subsets of the human answers of
-  min(1, #matches / 3) (the official vqaEval.py); one answer falls back to exact_match.
-- anls: ST-VQA / DocVQA average normalised Levenshtein similarity, threshold 0.5.
-- relaxed: ChartQA relaxed accuracy: numbers within 5 % relative error, otherwise exact (case-free).
-- f1: SQuAD token F1 (lower-cased, punctuation and articles removed).
+  (for chat models that answer "The capital of France is Paris." to "Paris"); tinyomni's own and
+  lenient, so use it for open questions with one short answer, never for yes/no or numbers.
+- vqa: VQA soft accuracy of the official vqaEval.py (mean over leave-one-out subsets of the human
+  answers of min(1, #matches / 3)); one answer falls back to exact_match.
+- anls: the DocVQA / InfoVQA / ST-VQA ANLS script (and lmms-eval's copy): threshold 0.5 inclusive.
+- relaxed: ChartQA relaxed accuracy (pix2struct / Qwen-VL / lmms-eval `relaxed_correctness`).
+- f1: the SQuAD v2.0 evaluate script's token F1.
 - multiple_choice: the option letter extracted from the answer; MMBench circular evaluation counts a
   question only if every rotation of its options is answered correctly.
-- pope: yes/no from the first sentence (POPE's rule); accuracy, precision, recall, F1, yes-ratio.
-- mme: yes/no/other from MME's rule; per-category acc and acc+ (both questions of an image right),
+- pope: POPE's evaluate.py (yes/no from the first sentence); accuracy, precision, recall, F1, yes-ratio.
+- mme: MME's eval_tool/calculation.py; per-category acc and acc+ (both questions of an image right),
   category score = acc + acc+, perception and cognition sums.
 - wer / cer: word / character error rate, summed over the corpus (edits / reference length).
 """
@@ -87,32 +90,53 @@ def _process_digit_article(text: str) -> str:
 
 
 def normalize_answer(text: str) -> str:
-    """EvalAI's normalisation: punctuation, number words to digits, articles, contractions."""
+    """The official VQA normalisation (vqaEval.py's processPunctuation then processDigitArticle):
+    punctuation, number words to digits, lower case, articles dropped, contractions restored."""
     text = text.replace("\n", " ").replace("\t", " ").strip()
     return _process_digit_article(_process_punctuation(text))
 
 
 def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1 if the prediction equals any answer after `normalize_answer` on both sides, else 0.
+
+    Follows the normalisation of the official VQA vqaEval.py (as lmms-eval's exact-match VQA tasks
+    do), applied to the gold answers too: tinyomni's task files hold answers as people write them,
+    not pre-normalised like VQAv2's annotations.
+    """
     p = normalize_answer(prediction)
     return float(any(p == normalize_answer(a) for a in answers))
 
 
 def contains(prediction: str, answers: Sequence[str]) -> float:
+    """1 if any normalised answer occurs as whole words inside the normalised prediction.
+
+    No published script: tinyomni's own lenient score for chat models that answer in a sentence.
+    """
     p = f" {normalize_answer(prediction)} "
     return float(any(a and f" {a} " in p for a in (normalize_answer(x) for x in answers)))
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """Official VQA accuracy: average over each answer left out of min(1, matches among the rest / 3)."""
+    """VQA soft accuracy, as the official VQA vqaEval.py computes it.
+
+    For each human answer left out in turn, min(1, matches among the other answers / 3); the score is
+    the mean over the left-out answers (so with 10 answers, 3 matches give 0.9, 4 or more give 1).
+    Deliberate differences from vqaEval.py:
+    - a single gold answer scores as exact_match: the official leave-one-out leaves nothing to match
+      against and would score every prediction 0;
+    - gold answers always get the full normalisation (`normalize_answer`); vqaEval.py only strips
+      their punctuation, and only when the annotators disagree (lmms-eval's vqav2 also maps digits
+      and articles then). On VQAv2's annotations, already normalised, the two agree.
+    """
     p = normalize_answer(prediction)
     gts = [normalize_answer(a) for a in answers]
-    if len(gts) == 1:  # leave-one-out of a single answer would always be 0
+    if len(gts) == 1:
         return float(p == gts[0])
     scores = []
     for i in range(len(gts)):
         matches = sum(1 for j, g in enumerate(gts) if j != i and g == p)
         scores.append(min(1.0, matches / 3))
-    return sum(scores) / len(scores)
+    return sum(scores) / len(scores) if scores else 0.0
 
 
 # --- edit distances --------------------------------------------------------------------------------
@@ -130,22 +154,54 @@ def levenshtein(a: Sequence[Any], b: Sequence[Any]) -> int:
     return previous[-1]
 
 
+def _anls_text(text: str) -> str:
+    return " ".join(text.strip().lower().split())
+
+
 def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> float:
-    """Best over answers of 1 - NL, where NL = edit distance / longer length; 0 when NL >= threshold."""
-    p = " ".join(prediction.strip().lower().split())
+    """Average Normalised Levenshtein Similarity of one item, as the DocVQA / InfoVQA / ST-VQA
+    evaluation scripts (Robust Reading Competition) and lmms-eval's `anls` compute it.
+
+    For each answer, NL = edit distance / length, where the distance is between the stripped,
+    lower-cased, whitespace-collapsed strings and the length is the longer of the two strings as
+    given (`len(s.upper())`, neither stripped nor collapsed, exactly as the scripts measure it). The
+    score is 1 - the smallest NL, or 0 when that is below `threshold`: a similarity of exactly 0.5
+    counts ("13" against "12" scores 0.5). Two empty strings score 1. Followed to the letter so that
+    DocVQA, InfoVQA and OCR scores compare with papers: no deliberate differences, except that an
+    item without answers scores 0 (the scripts fail on one).
+    """
+    p = _anls_text(prediction)
     best = 0.0
     for answer in answers:
-        g = " ".join(answer.strip().lower().split())
-        longest = max(len(g), len(p))
-        nl = levenshtein(g, p) / longest if longest else 0.0
-        best = max(best, 1.0 - nl if nl < threshold else 0.0)
-    return best
+        # The scripts take the length of the raw strings, upper-cased (an "ß" counts as two).
+        length = max(len(answer.upper()), len(prediction.upper()))
+        nl = levenshtein(_anls_text(answer), p) / length if length else 0.0
+        best = max(best, 1.0 - nl)
+    return best if best >= threshold else 0.0
+
+
+# --- charts ----------------------------------------------------------------------------------------
+
+def _relaxed_text(text: str) -> str:
+    text = text.strip()
+    return text[:-1].rstrip() if text.endswith(".") else text
 
 
 def relaxed_accuracy(prediction: str, answers: Sequence[str], tolerance: float = 0.05) -> float:
-    """ChartQA: a number within 5 % of the target (relative), otherwise a case-insensitive exact match."""
-    prediction = prediction.strip().rstrip(".").strip()
-    return float(any(_relaxed_one(a.strip(), prediction, tolerance) for a in answers))
+    """ChartQA relaxed accuracy: 1 if the prediction matches any answer, else 0.
+
+    Follows ChartQA's `relaxed_correctness` as pix2struct, Qwen-VL and lmms-eval run it: when both
+    sides parse as numbers (Python `float`; a trailing "%" divides by 100) and the answer is not 0,
+    a relative error |p - t| / |t| of at most 5 % counts (exactly 5 % included, in floating point as
+    there); otherwise the two strings must be equal ignoring case. As in the script, "50%" against
+    "0.5" is right and against "50" wrong; "1,000" is text, so it matches only "1,000"; a gold 0
+    compares as text ("0.0" is wrong). Deliberate difference: both sides are first stripped of
+    surrounding whitespace and of one trailing period, the same way, so "Apple." against "apple"
+    and "U.S." against "U.S." are right (the script scores the first 0; chat models end their
+    answers with a period).
+    """
+    p = _relaxed_text(prediction)
+    return float(any(_relaxed_one(_relaxed_text(a), p, tolerance) for a in answers))
 
 
 def _to_float(text: str) -> float | None:
@@ -164,26 +220,38 @@ def _relaxed_one(target: str, prediction: str, tolerance: float) -> bool:
     return prediction.lower() == target.lower()
 
 
+# --- extractive QA ---------------------------------------------------------------------------------
+
+_PUNCTUATION = frozenset(string.punctuation)
+
+
 def _squad_normalize(text: str) -> str:
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 
 
+def _squad_f1(prediction_tokens: list[str], gold_tokens: list[str]) -> float:
+    if not prediction_tokens or not gold_tokens:
+        return float(prediction_tokens == gold_tokens)
+    same = sum((Counter(prediction_tokens) & Counter(gold_tokens)).values())
+    if not same:
+        return 0.0
+    precision, recall = same / len(prediction_tokens), same / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
 def token_f1(prediction: str, answers: Sequence[str]) -> float:
-    """SQuAD F1 over tokens, best over answers."""
-    best = 0.0
+    """Token F1, best over the answers, as the SQuAD v2.0 evaluate script computes it.
+
+    Both sides are lower-cased, stripped of punctuation and of the articles a/an/the, and split on
+    whitespace. Answers that normalise to nothing are dropped; if none is left the only right
+    prediction is an empty one (v2.0's unanswerable questions), and an empty prediction or answer
+    scores 1 only against an empty other side. No deliberate differences.
+    """
     p = _squad_normalize(prediction).split()
-    for answer in answers:
-        g = _squad_normalize(answer).split()
-        if not p or not g:
-            best = max(best, float(p == g))
-            continue
-        same = sum((Counter(p) & Counter(g)).values())
-        if same:
-            precision, recall = same / len(p), same / len(g)
-            best = max(best, 2 * precision * recall / (precision + recall))
-    return best
+    golds = [g for g in (_squad_normalize(a).split() for a in answers) if g] or [[]]
+    return max(_squad_f1(p, g) for g in golds)
 
 
 # --- multiple choice -------------------------------------------------------------------------------
@@ -194,6 +262,8 @@ def extract_choice(prediction: str, choices: Sequence[str]) -> str | None:
     In order: the whole answer is a letter ("B", "(B)", "B."); it starts with a marked letter ("B. left",
     "(B) left", "B: left"); it says "answer is B" / "Answer: B" / "option B"; exactly one option's
     text occurs in it. "A small circle" is not read as option A: a letter must be marked.
+    Deliberate difference from MMBench's evaluator (VLMEvalKit): that one matches letters with its
+    own heuristics and asks an LLM judge when they fail; tinyomni uses these rules only, no judge.
     """
     letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[: len(choices)]
     text = prediction.strip()
@@ -213,6 +283,8 @@ def extract_choice(prediction: str, choices: Sequence[str]) -> str | None:
 
 
 def multiple_choice(prediction: str, answers: Sequence[str], choices: Sequence[str] | None) -> float:
+    """1 if the letter `extract_choice` reads is the answer letter; without choices, exact_match.
+    MMBench's circular score (every rotation right) is computed over rows by `summarize`."""
     if not choices:
         return exact_match(prediction, answers)
     return float(extract_choice(prediction, choices) in answers)
@@ -221,7 +293,11 @@ def multiple_choice(prediction: str, answers: Sequence[str], choices: Sequence[s
 # --- yes/no benchmarks -----------------------------------------------------------------------------
 
 def pope_label(prediction: str) -> str:
-    """POPE's rule: keep the first sentence; "no" if it has the word No, no or not; else "yes"."""
+    """POPE's evaluate.py rule: keep the text before the first ".", drop commas, split on spaces;
+    "no" if a word is exactly "No", "no" or "not", else "yes". Followed as published, quirks included:
+    "NO", "Not really" and "Nope" read as yes, and so does an empty answer. (lmms-eval's pope instead
+    needs the whole answer to be "yes" or "no" after lower-casing, so its numbers differ on answers
+    that are sentences.)"""
     text = prediction
     if text.find(".") != -1:
         text = text.split(".")[0]
@@ -230,9 +306,14 @@ def pope_label(prediction: str) -> str:
 
 
 def pope_scores(predictions: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
-    """Accuracy, precision, recall, F1 (yes = positive) and the share of yes answers, in %."""
+    """Accuracy, precision, recall, F1 (yes = positive) and the share of yes answers, in %, as POPE's
+    evaluate.py computes them (any label but "no" is positive, as there). Deliberate difference: a
+    ratio with nothing to count (precision when nothing is answered yes, recall when no label is
+    yes, F1 when both are 0) is 0, as in lmms-eval, where POPE's script stops with a division by
+    zero. lmms-eval's yes-ratio counts the labels, not the answers; this one counts the answers, as
+    POPE's script does."""
     pred = [pope_label(p) == "yes" for p in predictions]
-    gold = [str(label).strip().lower() == "yes" for label in labels]
+    gold = [str(label).strip().lower() != "no" for label in labels]
     tp = sum(p and g for p, g in zip(pred, gold))
     fp = sum(p and not g for p, g in zip(pred, gold))
     tn = sum(not p and not g for p, g in zip(pred, gold))
@@ -251,7 +332,10 @@ MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_transla
 
 
 def mme_label(prediction: str) -> str:
-    """MME's rule: "yes"/"no" exactly, else whichever of them occurs in the first four characters."""
+    """MME's eval_tool/calculation.py rule, on the lower-cased answer: "yes"/"no" exactly, else "yes"
+    if "yes" occurs in its first four characters, else "no" if "no" does ("Nope", "none"), else
+    "other" (always wrong). Deliberate difference: surrounding whitespace is stripped first, so
+    "   yes" is yes (the script reads its first four characters, "   y", as other)."""
     p = prediction.strip().lower()
     if p in ("yes", "no"):
         return p
@@ -260,8 +344,10 @@ def mme_label(prediction: str) -> str:
 
 
 def mme_scores(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """rows: {category, group (the image), prediction, answers}. Scores are in MME's units:
-    acc and acc+ in %, category score = acc + acc+ (max 200), perception max 2000, cognition max 800."""
+    """MME's scores, as eval_tool/calculation.py computes them, from rows {category, group (the
+    image), prediction, answers}. In MME's units: acc (questions right) and acc+ (images with both
+    questions right) in %, category score = acc + acc+ (max 200), perception the sum over its ten
+    categories (max 2000), cognition over its four (max 800). No deliberate differences."""
     by_category: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         by_category[row.get("category") or "default"].append(row)
@@ -296,17 +382,23 @@ def word_errors(prediction: str, reference: str) -> tuple[int, int]:
 
 
 def char_errors(prediction: str, reference: str) -> tuple[int, int]:
+    """(edits, reference characters) after normalisation."""
     ref = normalize_transcript(reference)
     return levenshtein(ref, normalize_transcript(prediction)), len(ref)
 
 
 def wer(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Corpus word error rate: total edits / total reference words (can exceed 1)."""
+    """Corpus word error rate: total word edits / total reference words (can exceed 1), as jiwer and
+    the Whisper / LibriSpeech evaluations compute it. Deliberate difference: `normalize_transcript`
+    is tinyomni's own, simpler than Whisper's EnglishTextNormalizer (no number or spelling
+    normalisation), so WERs of models whose numbers or spellings vary read higher than in papers."""
     counts = [word_errors(p, r) for p, r in zip(predictions, references)]
     return sum(e for e, _ in counts) / max(sum(n for _, n in counts), 1)
 
 
 def cer(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus character error rate: total character edits / total reference characters (spaces
+    included), after the same normalisation as `wer`."""
     counts = [char_errors(p, r) for p, r in zip(predictions, references)]
     return sum(e for e, _ in counts) / max(sum(n for _, n in counts), 1)
 
