@@ -88,7 +88,7 @@ def image_host():
 
 @pytest.fixture(scope="module")
 def server(images_dir, image_host):
-    options = ServerOptions(model_name=MODEL, api_key=KEY, allow_hosts=["127.0.0.1"],
+    options = ServerOptions(model_name=MODEL, api_key=KEY, allow_hosts=[image_host[0].removeprefix("http://")],
                             allow_dirs=[images_dir / "allowed"], max_body_bytes=2_000_000,
                             max_image_pixels=1_000_000, max_media_items=3, max_audio_seconds=5,
                             max_tokens=2000, max_batch=8, max_queue=16)

@@ -7,8 +7,10 @@ of prompts is left-padded so every row writes the same cache slot at each step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,6 +20,22 @@ from tinyomni.model.decoder import CacheState
 from tinyomni.model.omni import OmniModel
 from tinyomni.processing.chat import Prompt
 from tinyomni.processing.tokenizer import Tokenizer
+
+# Bounds every front end shares (the API, the CLI, the server): values outside them are refused with the
+# field's name, before any work, rather than failing (or looping) inside the sampler.
+MIN_TEMPERATURE = 1e-2  # below this, softmax(logits / t) overflows to one-hot or NaN: use 0 (greedy)
+MAX_TEMPERATURE = 100.0
+REPETITION_PENALTY_RANGE = (0.1, 10.0)
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+MAX_STOP_STRINGS = 16
+
+
+class SamplingError(InputError):
+    """A sampling parameter the sampler cannot use; `field` names it (OpenAI's error `param`)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field} {message}")
+        self.field = field
 
 
 @dataclass
@@ -29,23 +47,64 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1: off; > 1 discourages tokens already in the prompt or answer
     seed: int | None = None
     stop: Sequence[str] = ()
-    ignore_eos: bool = False  # keep going past end-of-turn (benchmarks want a fixed length)
+    ignore_eos: bool = False  # keep going past end-of-turn (benchmarks want a fixed length); no loop stop
+    # Stop an answer whose tail repeats one n-gram (n <= MAX_LOOP_PERIOD tokens, at least 3 times) for
+    # this many tokens, keeping its first occurrence (finish_reason "repetition"). 0: off.
+    max_repeat_tokens: int = 32
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InputError("max_new_tokens must be >= 1")
-        if self.temperature < 0:
-            raise InputError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise InputError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise InputError("top_k must be >= 0")
-        if self.repetition_penalty <= 0:
-            raise InputError("repetition_penalty must be > 0")
+        """Check every field's type and range; raise SamplingError naming the first bad one."""
+        _integer("max_new_tokens", self.max_new_tokens, 1, 2**31)
+        _number("temperature", self.temperature, 0, MAX_TEMPERATURE)
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise SamplingError("temperature", f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, "
+                                f"got {self.temperature!r}")
+        _integer("top_k", self.top_k, 0, 2**31)  # larger than the vocabulary means "all" (capped when used)
+        _number("top_p", self.top_p, 0, 1)
+        if self.top_p == 0:
+            raise SamplingError("top_p", "must be in (0, 1], got 0")
+        _number("repetition_penalty", self.repetition_penalty, *REPETITION_PENALTY_RANGE)
+        if self.seed is not None:
+            _integer("seed", self.seed, *SEED_RANGE)
+        _integer("max_repeat_tokens", self.max_repeat_tokens, 0, 2**31)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise InputError("stop must be a list of non-empty strings")
+        if (not isinstance(self.stop, (list, tuple)) or len(self.stop) > MAX_STOP_STRINGS
+                or any(not isinstance(s, str) or not s for s in self.stop)):
+            raise SamplingError("stop", f"must be a list of at most {MAX_STOP_STRINGS} non-empty strings")
+
+
+# generation_config.json keys (transformers' names) that set a SamplingParams field; others (token ids,
+# transformers_version, ...) are not sampling settings and are left alone.
+GENERATION_CONFIG_KEYS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
+                          "max_repeat_tokens")
+
+
+def sampling_defaults(generation_config: dict[str, Any], where: str = "generation_config.json") -> dict[str, Any]:
+    """The SamplingParams fields a checkpoint's generation_config.json sets (`do_sample: false` means
+    greedy, as in transformers), checked like a request's; a bad value is an error naming the file."""
+    defaults = {k: generation_config[k] for k in GENERATION_CONFIG_KEYS if generation_config.get(k) is not None}
+    if generation_config.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    try:
+        SamplingParams(**defaults).validate()
+    except SamplingError as e:
+        raise InputError(f"{where}: {e}") from None
+    return defaults
+
+
+def _number(name: str, value: object, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SamplingError(name, f"must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or not low <= value <= high:
+        raise SamplingError(name, f"must be a finite number in [{low:g}, {high:g}], got {value!r}")
+
+
+def _integer(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SamplingError(name, f"must be an integer, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise SamplingError(name, f"must be in [{low}, {high}], got {value}")
 
 
 @dataclass
@@ -53,7 +112,7 @@ class Completion:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (end of turn or a stop string) or "length"
+    finish_reason: str  # "stop" (end of turn or a stop string), "length" or "repetition" (a loop, cut)
     token_ids: list[int] = field(default_factory=list)
 
 
@@ -81,22 +140,32 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+MAX_LOOP_PERIOD = 16  # the longest n-gram (in tokens) that the loop stop looks for
+
+
 class TextStream:
     """Turns a growing list of token ids into text deltas that are safe to show.
 
     Holds back an incomplete UTF-8 character (decoded as U+FFFD) and any tail that could be the
-    start of a stop string; cuts the text at the first stop string.
+    start of a stop string; cuts the text at the first stop string. With `max_repeat_tokens`, it also
+    holds back the second and later copies of an n-gram the answer is repeating, and once the repeats
+    cover that many tokens it stops (`reason` "repetition") with the text cut after the first copy, so
+    a model caught in a loop ("orange orange orange ...") answers "orange".
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], max_repeat_tokens: int = 0) -> None:
         self.tokenizer = tokenizer
         self.stop = list(stop)
+        self.max_repeat_tokens = max_repeat_tokens
         self.ids: list[int] = []
         self.emitted = 0  # characters already yielded
         self.text = ""
         self.stopped = False
+        self.reason = "stop"  # why it stopped, once `stopped`: a stop string, or "repetition"
 
     def add(self, token_id: int) -> str:
+        if self.stopped:  # the answer is complete: later tokens are not part of it
+            return ""
         self.ids.append(token_id)
         text = self.tokenizer.decode(self.ids)
         for s in self.stop:
@@ -104,11 +173,24 @@ class TextStream:
             if at != -1:
                 self.stopped = True
                 text = text[:at]
-        self.text = text
         safe = len(text)
+        if not self.stopped and self.max_repeat_tokens:
+            # Every n-gram the tail has started to repeat holds back its copies after the first; one
+            # whose repeats reach the limit ends the answer at that first copy.
+            n = len(self.ids)
+            tails = repeating_tails(self.ids)
+            for start, period in tails:
+                if n - start >= max(self.max_repeat_tokens, 3 * period):
+                    self.stopped, self.reason = True, "repetition"
+                    text = text[:len(self.tokenizer.decode(self.ids[:start + period]))]
+                    break
+            if tails:
+                keep = min(start + period for start, period in tails)
+                safe = min(len(text), len(self.tokenizer.decode(self.ids[:keep])))
+        self.text = text
         if not self.stopped:
-            if text.endswith("\ufffd"):
-                safe = len(text.rstrip("\ufffd"))
+            if text[:safe].endswith("\ufffd"):
+                safe = len(text[:safe].rstrip("\ufffd"))
             for s in self.stop:  # a tail that may grow into a stop string waits
                 for k in range(min(len(s) - 1, safe), 0, -1):
                     if text[:safe].endswith(s[:k]):
@@ -125,6 +207,21 @@ class TextStream:
             return ""
         delta, self.emitted = self.text[self.emitted:upto], upto
         return delta
+
+
+def repeating_tails(ids: Sequence[int], max_period: int = MAX_LOOP_PERIOD) -> list[tuple[int, int]]:
+    """(start, period) for each n-gram length `period` <= max_period whose copies the tail of `ids` has
+    begun to repeat: ids[start:] has ids[i] == ids[i + period] and is longer than one copy."""
+    n = len(ids)
+    tails = []
+    for period in range(1, min(max_period, n - 1) + 1):
+        i = n - period - 1
+        while i >= 0 and ids[i] == ids[i + period]:
+            i -= 1
+        start = i + 1
+        if n - start > period:
+            tails.append((start, period))
+    return tails
 
 
 class Generation:
@@ -183,7 +280,8 @@ class Generation:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=device).manual_seed(params.seed)
-        streams = [TextStream(self.tokenizer, params.stop) for _ in range(B)]
+        repeats = 0 if params.ignore_eos else params.max_repeat_tokens
+        streams = [TextStream(self.tokenizer, params.stop, repeats) for _ in range(B)]
         finish: list[str | None] = [None] * B
         history = input_ids if params.repetition_penalty != 1.0 else None
         eos = set() if params.ignore_eos else set(self.tokenizer.eos_token_ids)
@@ -201,7 +299,7 @@ class Generation:
                     continue
                 delta = streams[row].add(token)
                 if streams[row].stopped:
-                    finish[row] = "stop"
+                    finish[row] = streams[row].reason
                 if delta:
                     yield row, delta
             if all(f is not None for f in finish) or step == self.max_new_tokens - 1:

@@ -4,6 +4,7 @@
     model.safetensors    weights (transformers-style names)
     tokenizer.json       + tokenizer_config.json (special ids)
     chat_template.jinja  the template chat uses
+    generation_config.json  default sampling settings (optional; transformers' keys)
 
 A checkpoint built on a base decoder (`config.base_decoder`, e.g. "smollm2") may store only what is
 not in the base: the encoders, projectors, and the embedding rows of the tokens it added. Writing is
@@ -12,11 +13,13 @@ atomic: a checkpoint directory is complete or absent, never half written.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -28,6 +31,7 @@ from tinyomni.errors import CheckpointError
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TEMPLATE_FILE = "chat_template.jinja"
+GENERATION_FILE = "generation_config.json"  # default sampling settings, transformers' format
 ADDED_ROWS = "language_model.model.embed_tokens.added_rows"  # rows past the base vocabulary
 
 
@@ -129,3 +133,22 @@ def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: s
 def _few(items: list[str], n: int = 5) -> str:
     more = f" (+{len(items) - n} more)" if len(items) > n else ""
     return ", ".join(items[:n]) + more
+
+
+def read_generation_config(path: Path) -> dict[str, Any]:
+    """A checkpoint directory's default sampling settings (SamplingParams fields), {} without the file."""
+    from tinyomni.generate import sampling_defaults
+
+    file = Path(path) / GENERATION_FILE
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file} is unreadable: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} must hold a JSON object")
+    try:
+        return sampling_defaults(data, str(file))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None

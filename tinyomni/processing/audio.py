@@ -33,11 +33,24 @@ SUPPORTED_FORMATS = (
 AudioSource = Any  # str | Path | bytes | np.ndarray | torch.Tensor | tuple[array, rate]
 
 
+class AudioTooLongError(InputError):
+    """A clip longer than the limit asked for; found from the file's header, or by stopping the
+    decode at the limit, so a long clip never costs its full decode."""
+
+    def __init__(self, name: str, seconds: float | None, max_seconds: float) -> None:
+        length = f"{seconds:.1f} s" if seconds is not None else f"longer than {max_seconds:g} s"
+        super().__init__(f"audio {name} is {length}; at most {max_seconds:g} s is accepted")
+        self.seconds, self.max_seconds = seconds, max_seconds
+
+
 # --- loading ---------------------------------------------------------------------------------------
 
 
-def load_audio(source: AudioSource, sampling_rate: int | None = None) -> np.ndarray:
+def load_audio(source: AudioSource, sampling_rate: int | None = None,
+               max_seconds: float | None = None) -> np.ndarray:
     """Decode `source` to a float32 mono waveform at 16 kHz, in [-1, 1] for integer PCM.
+
+    With `max_seconds`, a longer clip raises AudioTooLongError before it is decoded in full.
 
     `source` may be a path, raw file bytes, a base64 string, a `data:audio/...;base64,` URL, a numpy
     array or torch tensor (then `sampling_rate` is required), or an `(array, sampling_rate)` tuple.
@@ -48,17 +61,17 @@ def load_audio(source: AudioSource, sampling_rate: int | None = None) -> np.ndar
         if len(source) != 2:
             raise InputError("an audio tuple must be (array, sampling_rate)")
         array, rate = source
-        return _from_array(array, rate)
+        return _check_array_length(_from_array(array, rate), max_seconds)
     if isinstance(source, (np.ndarray, torch.Tensor)):
         if sampling_rate is None:
             raise InputError("load_audio needs sampling_rate when given a raw array")
-        return _from_array(source, sampling_rate)
+        return _check_array_length(_from_array(source, sampling_rate), max_seconds)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return _from_file_bytes(bytes(source), "<audio bytes>")
+        return _from_file_bytes(bytes(source), "<audio bytes>", max_seconds)
     if isinstance(source, Path):
-        return _from_path(source)
+        return _from_path(source, max_seconds)
     if isinstance(source, str):
-        return _from_string(source)
+        return _from_string(source, max_seconds)
     raise InputError(f"cannot read audio from a {type(source).__name__}; pass a path, bytes, base64, "
                      "a data URL, an array with sampling_rate, or an (array, sampling_rate) tuple")
 
@@ -70,12 +83,18 @@ def check_duration(audio: np.ndarray, max_seconds: float, sampling_rate: int = S
         raise InputError(f"audio clip is {seconds:.1f} s; this model accepts at most {max_seconds:.1f} s")
 
 
-def _from_string(text: str) -> np.ndarray:
+def _check_array_length(audio: np.ndarray, max_seconds: float | None) -> np.ndarray:
+    if max_seconds is not None and len(audio) > max_seconds * SAMPLE_RATE:
+        raise AudioTooLongError("array", len(audio) / SAMPLE_RATE, max_seconds)
+    return audio
+
+
+def _from_string(text: str, max_seconds: float | None = None) -> np.ndarray:
     if text.startswith("data:"):
         header, sep, payload = text.partition(",")
         if not sep or ";base64" not in header:
             raise InputError("an audio data URL must look like data:audio/wav;base64,<data>")
-        return _from_file_bytes(_b64decode(payload, "audio data URL"), "<audio data URL>")
+        return _from_file_bytes(_b64decode(payload, "audio data URL"), "<audio data URL>", max_seconds)
     if text.startswith(("http://", "https://")):
         raise InputError(f"audio URLs are not fetched ({text[:80]}); download the file and pass its path")
     # A path is tried first: a short file name can also be valid base64 ("clip" decodes fine).
@@ -84,14 +103,14 @@ def _from_string(text: str) -> np.ndarray:
     except OSError:  # a long base64 string can exceed the OS limit on path length
         is_file = False
     if is_file:
-        return _from_path(Path(text))
+        return _from_path(Path(text), max_seconds)
     if len(text) >= 32:  # shorter strings are far more likely mistyped paths than audio files
         try:
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             data = None
         if data:
-            return _from_file_bytes(data, "<base64 audio>")
+            return _from_file_bytes(data, "<base64 audio>", max_seconds)
     raise InputError(f"audio file not found: {text}")
 
 
@@ -102,18 +121,18 @@ def _b64decode(payload: str, what: str) -> bytes:
         raise InputError(f"{what} is not valid base64: {e}") from None
 
 
-def _from_path(path: Path) -> np.ndarray:
+def _from_path(path: Path, max_seconds: float | None = None) -> np.ndarray:
     if not path.is_file():
         raise InputError(f"audio file not found: {path}")
-    return _from_file_bytes(path.read_bytes(), str(path))
+    return _from_file_bytes(path.read_bytes(), str(path), max_seconds)
 
 
-def _from_file_bytes(data: bytes, name: str) -> np.ndarray:
+def _from_file_bytes(data: bytes, name: str, max_seconds: float | None = None) -> np.ndarray:
     if not data:
         raise InputError(f"audio {name} is empty")
-    decoded = _decode_soundfile(data)
-    if decoded is None:
-        decoded = _decode_pyav(data)  # mp3/m4a/webm...: soundfile (libsndfile) cannot read these
+    decoded = _decode_soundfile(data, name, max_seconds)
+    if decoded is None:  # mp3/m4a/webm...: soundfile (libsndfile) cannot read these
+        decoded = _decode_pyav(data, name, max_seconds)
     if decoded is None:
         raise InputError(f"could not decode audio {name}: the file is corrupt or not a supported format "
                          f"({SUPPORTED_FORMATS})")
@@ -121,18 +140,28 @@ def _from_file_bytes(data: bytes, name: str) -> np.ndarray:
     return _finish(samples, rate, name)
 
 
-def _decode_soundfile(data: bytes) -> tuple[np.ndarray, int] | None:
+def _decode_soundfile(data: bytes, name: str, max_seconds: float | None) -> tuple[np.ndarray, int] | None:
     import soundfile as sf
 
     try:
-        # dtype=float32 makes libsndfile scale integer PCM into [-1, 1] for us.
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(data)) as file:
+            rate = int(file.samplerate)
+            limit = None if max_seconds is None else int(max_seconds * rate)
+            if limit is not None and file.frames > limit:  # the header says it is too long: nothing decoded
+                raise AudioTooLongError(name, file.frames / rate, max_seconds)
+            # dtype=float32 makes libsndfile scale integer PCM into [-1, 1] for us; reading at most
+            # one frame past the limit bounds the memory even when the header lies.
+            samples = file.read(frames=-1 if limit is None else limit + 1, dtype="float32", always_2d=True)
+    except AudioTooLongError:
+        raise
     except Exception:  # libsndfile reports every unreadable input as a generic error
         return None
-    return samples, int(rate)
+    if max_seconds is not None and samples.shape[0] > max_seconds * rate:
+        raise AudioTooLongError(name, None, max_seconds)
+    return samples, rate
 
 
-def _decode_pyav(data: bytes) -> tuple[np.ndarray, int] | None:
+def _decode_pyav(data: bytes, name: str, max_seconds: float | None) -> tuple[np.ndarray, int] | None:
     import av
 
     try:
@@ -140,18 +169,27 @@ def _decode_pyav(data: bytes) -> tuple[np.ndarray, int] | None:
             if not container.streams.audio:
                 return None
             stream = container.streams.audio[0]
+            if max_seconds is not None and container.duration and container.duration / 1e6 > max_seconds + 1:
+                raise AudioTooLongError(name, container.duration / 1e6, max_seconds)  # from the header
             # Planar float keeps every channel and the native rate; mixing and resampling happen
             # below with the same code as every other source.
             resampler = av.AudioResampler(format="fltp")
             chunks: list[np.ndarray] = []
             rate = None
+            decoded = 0
             for frame in container.decode(stream):
                 for out in resampler.resample(frame):
                     rate = out.sample_rate
                     chunks.append(out.to_ndarray())
+                    decoded += out.samples
+                # A header can lie or say nothing: stop decoding once the limit is passed.
+                if max_seconds is not None and rate and decoded > max_seconds * rate:
+                    raise AudioTooLongError(name, None, max_seconds)
             for out in resampler.resample(None):
                 rate = out.sample_rate
                 chunks.append(out.to_ndarray())
+    except AudioTooLongError:
+        raise
     except Exception:  # av raises many FFmpegError subclasses (and OSError) for bad data
         return None
     if not chunks or rate is None:

@@ -1,10 +1,13 @@
 """Chat messages → one prompt: token ids with media placeholders, plus the media tensors.
 
 Messages are OpenAI-style: `{"role": ..., "content": str | [parts]}` with parts `text`, `image`,
-`image_url`, `video`, `audio` and `input_audio`. Each media item becomes a marker in the text, the
-chat template (the checkpoint's own jinja, or ChatML) is rendered, and each marker is replaced by
-its placeholder run `<img><IMG_CONTEXT>×N</img>` (or the audio equivalent) directly as token ids,
-so the counts always match what the encoders will produce. Training and inference both use this.
+`image_url`, `video`, `audio` and `input_audio`. The chat template (the checkpoint's own jinja, or
+ChatML) is rendered with each message's content standing in as a marker; then the template's own
+text is tokenized with its control tokens, each message's text is tokenized as plain text (typed
+"<|im_start|>" cannot forge a turn), and each media item becomes its placeholder run
+`<img><IMG_CONTEXT>×N</img>` (or the audio equivalent) directly as token ids, so the counts always
+match what the encoders will produce and no typed text can produce a placeholder. Training and
+inference both use this.
 
 A media string may be a local path, base64 or a data URL, and a path is read: pass strings from
 untrusted clients only after checking them (the server in `tinyomni.serve` decodes them itself).
@@ -13,11 +16,13 @@ untrusted clients only after checking them (the server in `tinyomni.serve` decod
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from jinja2 import TemplateError
+from jinja2 import TemplateError, nodes
+from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from tinyomni.config import OmniConfig
@@ -32,8 +37,12 @@ CHATML_TEMPLATE = (
 )
 ROLES = ("system", "user", "assistant")
 PART_TYPES = ("text", "image", "image_url", "video", "audio", "input_audio")
-MARKER = "<|tinyomni-media-{}|>"
-MARKER_RE = re.compile(r"<\|tinyomni-media-(\d+)\|>")
+# Stands for message k's content while the template renders; the nonce makes it a string no message
+# contains, so a user cannot forge one.
+CONTENT_MARKER = "<|tinyomni-{nonce}-content-{k}|>"
+# With config.images_in_template: stands for media item k where the template wrote the image token.
+IMAGE_MARKER = "<|tinyomni-{nonce}-image-{k}|>"
+Content = list  # one message's content: text (str) and media (int: an index into the media list), in order
 
 
 @dataclass
@@ -54,6 +63,18 @@ class _Media:
     tiles: int = 0
 
 
+@dataclass
+class _Flat:
+    """A conversation taken apart for the template: text-only messages whose content is a marker,
+    what each marker stands for, the processed media, and the pattern that finds the markers."""
+
+    messages: list[dict[str, str]]
+    contents: list[Content]
+    media: list[_Media]
+    marker: re.Pattern[str]  # either marker; group 1 "content" or "image", group 2 its number
+    nonce: str = ""
+
+
 class ChatProcessor:
     """Turns messages into a `Prompt` for one model (its tokenizer, template and media layout)."""
 
@@ -61,7 +82,7 @@ class ChatProcessor:
         self.tokenizer = tokenizer
         self.config = config
         self.chat_template = chat_template or CHATML_TEMPLATE
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag])
         env.globals["raise_exception"] = _raise_template_error
         try:
             self._template = env.from_string(self.chat_template)
@@ -70,6 +91,10 @@ class ChatProcessor:
         names = (config.image_start_token, config.image_end_token, config.image_context_token,
                  config.audio_start_token, config.audio_end_token, config.audio_context_token)
         ids = [tokenizer.token_to_id(n) for n in names]
+        if config.audio is None:  # no audio tower (e.g. an imported InternVL): its tokens may be absent
+            ids[3:] = [-1 if i is None else i for i in ids[3:]]  # -1 matches no token
+        if not config.image_wrap:  # a bare <image> run (LLaVA): no start and end tokens to find
+            ids[:2] = [-1 if i is None else i for i in ids[:2]]
         if None in ids:
             missing = [n for n, i in zip(names, ids) if i is None]
             raise InputError(f"the tokenizer lacks the media tokens {missing}; add them with "
@@ -80,9 +105,10 @@ class ChatProcessor:
     # --- public ------------------------------------------------------------------------------------
     def __call__(self, messages: list[dict[str, Any]] | str, add_generation_prompt: bool = True,
                  max_tiles: int | None = None) -> Prompt:
-        flat, media = self._flatten(messages, max_tiles)
-        rendered = self.render(flat, add_generation_prompt)
-        return self._prompt(self._prefix_ids() + self._encode(rendered, media), media)
+        flat = self._flatten(messages, max_tiles)
+        rendered = self._place_images(self.render(flat.messages, add_generation_prompt), flat)
+        self._check_rendered(rendered, flat)
+        return self._prompt(self._prefix_ids() + self._encode(rendered, flat), flat.media)
 
     def training_example(self, messages: list[dict[str, Any]] | str,
                          max_tiles: int | None = None) -> tuple[Prompt, list[int]]:
@@ -93,7 +119,8 @@ class ChatProcessor:
         generation prompt, and tokenized on its own, so the model trains on the very ids it sees at
         inference. Each target is the turn's content plus the template's end-of-turn token.
         """
-        flat, media = self._flatten(messages, max_tiles)
+        conversation = self._flatten(messages, max_tiles)
+        flat = conversation.messages
         if not any(m["role"] == "assistant" for m in flat):
             raise InputError("a training example needs at least one assistant message to learn from")
         segments: list[tuple[str, bool]] = []  # (text, is_target), in order
@@ -101,8 +128,8 @@ class ChatProcessor:
         for i, message in enumerate(flat):
             if message["role"] != "assistant":
                 continue
-            before = self.render(flat[:i], add_generation_prompt=True)
-            after = self.render(flat[: i + 1], add_generation_prompt=False)
+            before = self._place_images(self.render(flat[:i], add_generation_prompt=True), conversation)
+            after = self._place_images(self.render(flat[: i + 1], add_generation_prompt=False), conversation)
             if not before.startswith(done) or not after.startswith(before):
                 raise InputError("the chat template does not render a conversation as a prefix of its "
                                  "continuation, so assistant turns cannot be found for training")
@@ -111,14 +138,16 @@ class ChatProcessor:
             stripped = target.rstrip()
             segments += [(before[len(done):], False), (stripped, True), (target[len(stripped):], False)]
             done = after
-        segments.append((self.render(flat, add_generation_prompt=False)[len(done):], False))
+        whole = self._place_images(self.render(flat, add_generation_prompt=False), conversation)
+        self._check_rendered(whole, conversation)
+        segments.append((whole[len(done):], False))
         ids = self._prefix_ids()
         labels = [-100] * len(ids)
         for text, is_target in segments:
-            piece = self._encode(text, media)
+            piece = self._encode(text, conversation)
             ids += piece
             labels += piece if is_target else [-100] * len(piece)
-        return self._prompt(ids, media), labels
+        return self._prompt(ids, conversation.media), labels
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The chat template applied to text-only messages."""
@@ -129,37 +158,64 @@ class ChatProcessor:
             raise InputError(f"the chat template failed on these messages: {e}") from None
 
     # --- messages → text with media markers --------------------------------------------------------
-    def _flatten(self, messages: list[dict[str, Any]] | str,
-                 max_tiles: int | None) -> tuple[list[dict[str, str]], list[_Media]]:
-        """Text-only messages (each media item a marker) and the processed media, in order."""
+    def _flatten(self, messages: list[dict[str, Any]] | str, max_tiles: int | None) -> _Flat:
+        """Messages for the template (each content a marker), each message's content (text and media
+        indices, in order), and the processed media."""
         messages = normalize_messages(messages)
         media: list[_Media] = []
-        flat = []
+        contents: list[Content] = []
         image_count = sum(1 for m in messages for p in m["content"] if p["type"] in ("image", "image_url"))
         image_number = 0
+        in_template = self.config.images_in_template
         for message in messages:
-            text = []
+            content: Content = []
             for part in message["content"]:
                 kind = part["type"]
                 if kind == "text":
-                    text.append(part["text"])
+                    content.append(part["text"])
                 elif kind in ("image", "image_url"):
                     image_number += 1
-                    prefix = f"Image-{image_number}: " if image_count > 1 else ""
-                    text.append(prefix + self._add_image(part, media, max_tiles) + "\n")
+                    if image_count > 1 and self.config.number_images:
+                        content.append(f"Image-{image_number}: ")
+                    content.append(self._add_image(part, media, max_tiles))
+                    if not in_template:  # otherwise the template writes its own (LLaVA: "<image>\n")
+                        content.append("\n")
                 elif kind == "video":
-                    text.append(self._add_video(part, media))
+                    content += self._add_video(part, media)
                 else:
-                    text.append(self._add_audio(part, media) + "\n")
-            flat.append({"role": message["role"], "content": "".join(text)})
-        return flat, media
+                    content += [self._add_audio(part, media), "\n"]
+            contents.append(content)
+        typed = "".join(piece for content in contents for piece in content if isinstance(piece, str))
+        nonce = secrets.token_hex(8)
+        while nonce in typed:  # astronomically rare; a user cannot aim for it
+            nonce = secrets.token_hex(8)
+        head, tail = CONTENT_MARKER.format(nonce=nonce, k="@").split("content-@")
+        marker = re.compile(re.escape(head) + r"(content|image)-(\d+)" + re.escape(tail))
+        if in_template:
+            # The template sees typed parts, as transformers' processors give them: each text part a
+            # marker of its own (numbered in `texts`), each image part {"type": "image"}.
+            texts: list[Content] = []
+            flat: list[dict[str, Any]] = []
+            for m, content in zip(messages, contents):
+                parts = []
+                for piece in content:
+                    if isinstance(piece, str):
+                        parts.append({"type": "text", "text": CONTENT_MARKER.format(nonce=nonce, k=len(texts))})
+                        texts.append([piece])
+                    else:
+                        parts.append({"type": "image"})
+                flat.append({"role": m["role"], "content": parts})
+            return _Flat(flat, texts, media, marker, nonce)
+        flat = [{"role": m["role"], "content": CONTENT_MARKER.format(nonce=nonce, k=k)}
+                for k, m in enumerate(messages)]
+        return _Flat(flat, contents, media, marker, nonce)
 
     # --- media -------------------------------------------------------------------------------------
     def _require_vision(self) -> None:
         if self.config.vision is None:
             raise InputError("this model has no vision encoder; it cannot take images or video")
 
-    def _add_image(self, part: dict, media: list[_Media], max_tiles: int | None) -> str:
+    def _add_image(self, part: dict, media: list[_Media], max_tiles: int | None) -> int:
         from tinyomni.processing.image import preprocess_image
 
         self._require_vision()
@@ -168,24 +224,26 @@ class ChatProcessor:
         tiles = preprocess_image(source, image_size=vision.image_size, min_tiles=self.config.min_tiles,
                                  max_tiles=max_tiles or self.config.max_tiles,
                                  use_thumbnail=self.config.use_thumbnail,
-                                 mean=vision.image_mean, std=vision.image_std)
+                                 mean=vision.image_mean, std=vision.image_std, resize=self.config.image_resize,
+                                 shortest_edge=self.config.image_shortest_edge,
+                                 pad_square=self.config.image_pad_to_square)
         media.append(_Media("image", tiles, tiles.shape[0] * self.config.image_tokens_per_tile, tiles.shape[0]))
-        return MARKER.format(len(media) - 1)
+        return len(media) - 1
 
-    def _add_video(self, part: dict, media: list[_Media]) -> str:
+    def _add_video(self, part: dict, media: list[_Media]) -> Content:
         from tinyomni.processing.video import preprocess_video, video_prompt_prefixes
 
         self._require_vision()
         vision = self.config.vision
         frames = preprocess_video(part["video"], num_frames=part.get("num_frames") or self.config.video_frames,
                                   image_size=vision.image_size, mean=vision.image_mean, std=vision.image_std)
-        text = []
+        content: Content = []
         for prefix, frame in zip(video_prompt_prefixes(frames.shape[0]), frames):
             media.append(_Media("image", frame[None], self.config.image_tokens_per_tile, 1))
-            text.append(prefix + MARKER.format(len(media) - 1) + "\n")
-        return "".join(text)
+            content += [prefix, len(media) - 1, "\n"]
+        return content
 
-    def _add_audio(self, part: dict, media: list[_Media]) -> str:
+    def _add_audio(self, part: dict, media: list[_Media]) -> int:
         from tinyomni.model.audio import audio_output_length
         from tinyomni.processing.audio import SAMPLE_RATE, check_duration, load_audio, log_mel_spectrogram
 
@@ -199,12 +257,12 @@ class ChatProcessor:
             if not isinstance(payload, dict) or "data" not in payload:
                 raise InputError("an input_audio part needs {'input_audio': {'data': <base64>, 'format': 'wav'}}")
             source = payload["data"]
-        samples = load_audio(source)
         max_seconds = audio_config.max_source_positions * 2 * 160 / SAMPLE_RATE
+        samples = load_audio(source, max_seconds=max_seconds)  # a long clip is refused before its decode
         check_duration(samples, max_seconds)
         features = log_mel_spectrogram(samples, n_mels=audio_config.num_mel_bins)
         media.append(_Media("audio", features, audio_output_length(features.shape[-1], audio_config)))
-        return MARKER.format(len(media) - 1)
+        return len(media) - 1
 
     # --- tokens ------------------------------------------------------------------------------------
     def _prefix_ids(self) -> list[int]:
@@ -212,19 +270,100 @@ class ChatProcessor:
             return [self.tokenizer.bos_token_id]
         return []
 
-    def _encode(self, rendered: str, media: list[_Media]) -> list[int]:
-        """Rendered text → ids, each media marker replaced by its placeholder run (never adds BOS)."""
+    def _place_images(self, rendered: str, flat: _Flat) -> str:
+        """With images_in_template: the k-th image token the template wrote → the k-th image's marker.
+        (Only the template's own text is in `rendered`; typed text is behind content markers.)"""
+        if not self.config.images_in_template:
+            return rendered
+        images = iter([k for k, m in enumerate(flat.media) if m.kind == "image"])
+
+        def place(match: re.Match[str]) -> str:
+            k = next(images, None)  # more tokens than images: left as they are, for _check_rendered
+            return match.group(0) if k is None else IMAGE_MARKER.format(nonce=flat.nonce, k=k)
+
+        return re.sub(re.escape(self.config.image_context_token), place, rendered)
+
+    def _check_rendered(self, rendered: str, flat: _Flat) -> None:
+        """Each message with media must appear exactly once in the rendered template (with
+        images_in_template: the template must write one image token per image)."""
+        if self.config.images_in_template:
+            placed = sum(1 for m in flat.marker.finditer(rendered) if m.group(1) == "image")
+            written = placed + rendered.count(self.config.image_context_token)
+            images = sum(1 for m in flat.media if m.kind == "image")
+            if written != images:
+                raise InputError(f"the chat template writes {written} image token(s) "
+                                 f"({self.config.image_context_token}) for {images} image(s)")
+            return
+        seen = [int(m.group(2)) for m in flat.marker.finditer(rendered) if m.group(1) == "content"]
+        for k, content in enumerate(flat.contents):
+            if any(isinstance(p, int) for p in content) and seen.count(k) != 1:
+                raise InputError(f"the chat template renders message {k} {seen.count(k)} times; a message "
+                                 "with images or audio must appear exactly once")
+
+    def _encode(self, rendered: str, flat: _Flat) -> list[int]:
+        """Rendered text (with content markers) → ids (never adds BOS). The template's text keeps its
+        control tokens; the messages' text is plain text; media become their placeholder runs."""
         ids: list[int] = []
+        run: list[tuple[str, bool]] = []  # (text, typed by a user) since the last media item
         pos = 0
-        for match in MARKER_RE.finditer(rendered):
-            ids += self.tokenizer.encode_piece(rendered[pos:match.start()])
-            item = media[int(match.group(1))]
-            if item.kind == "image":
-                ids += [self.image_start_id] + [self.image_context_id] * item.num_tokens + [self.image_end_id]
-            else:
-                ids += [self.audio_start_id] + [self.audio_context_id] * item.num_tokens + [self.audio_end_id]
+        for match in flat.marker.finditer(rendered):
+            run.append((rendered[pos:match.start()], False))
+            number = int(match.group(2))
+            pieces = flat.contents[number] if match.group(1) == "content" else [number]
+            for piece in pieces:
+                if isinstance(piece, str):
+                    run.append((piece, True))
+                    continue
+                ids += self._encode_run(run, after=ids[-1] if ids else None)
+                run = []
+                ids += self._placeholder(flat.media[piece])
             pos = match.end()
-        return ids + self.tokenizer.encode_piece(rendered[pos:])
+        run.append((rendered[pos:], False))
+        return ids + self._encode_run(run, after=ids[-1] if ids else None)
+
+    def _placeholder(self, item: _Media) -> list[int]:
+        """A media item's run of context tokens, wrapped in its start and end tokens (images: unless
+        config.image_wrap is off)."""
+        if item.kind == "image":
+            run = [self.image_context_id] * item.num_tokens
+            return [self.image_start_id, *run, self.image_end_id] if self.config.image_wrap else run
+        return [self.audio_start_id] + [self.audio_context_id] * item.num_tokens + [self.audio_end_id]
+
+    def _encode_run(self, run: list[tuple[str, bool]], after: int | None = None) -> list[int]:
+        """Template and user text between two media items. Encoded whole (the ids transformers gets
+        from the same rendered string), unless a control token would come from the user's text: then
+        the user's pieces are encoded apart, as plain text.
+
+        `after` is the placeholder token just before the run. The run is encoded behind it, and it is
+        dropped again, because that is how the run's text sits in the whole prompt transformers
+        tokenizes: a SentencePiece-style pre-tokenizer (Metaspace, prepend_scheme "first", as
+        transformers 5 builds Llama-2's) writes a "▁" before text that starts the input, not before
+        text that follows a special token; encoded alone, the run would gain that "▁".
+        """
+        text = "".join(t for t, _ in run)
+        if not text:
+            return []
+        backend = self.tokenizer.backend
+        context = backend.id_to_token(after) if after is not None and after >= 0 else None
+        encoding = backend.encode(context + text, add_special_tokens=False) if context else None
+        skip = 1 if encoding is not None and encoding.ids[:1] == [after] else 0  # the context token came back whole
+        if not skip:  # no media before the run (or a token that does not encode to itself): the run alone
+            encoding, context = backend.encode(text, add_special_tokens=False), ""
+        spans, at = [], len(context or "")  # offsets count from the start of the encoded string
+        for piece, typed in run:
+            if typed and piece:
+                spans.append((at, at + len(piece)))
+            at += len(piece)
+        special = self.tokenizer.special_ids
+        forged = any(token in special and start < end_ and stop > begin
+                     for token, (start, stop) in zip(encoding.ids[skip:], encoding.offsets[skip:])
+                     for begin, end_ in spans)
+        if not forged:
+            return encoding.ids[skip:]
+        ids: list[int] = []
+        for piece, typed in run:
+            ids += self.tokenizer.encode_as_text(piece) if typed else self.tokenizer.encode_piece(piece)
+        return ids
 
     @staticmethod
     def _prompt(ids: list[int], media: list[_Media]) -> Prompt:
@@ -254,7 +393,7 @@ def normalize_messages(messages: list[dict[str, Any]] | str) -> list[dict[str, A
         if content is None:
             content = []
         if isinstance(content, str):
-            parts = [{"type": "text", "text": content}]
+            parts = [_normalize_part({"type": "text", "text": content}, i, 0)]
         elif isinstance(content, list):
             parts = [_normalize_part(p, i, j) for j, p in enumerate(content)]
         else:
@@ -274,8 +413,14 @@ def _normalize_part(part: Any, i: int, j: int) -> dict[str, Any]:
                          f"supported: {', '.join(PART_TYPES)}")
     if part.get(kind) is None:  # OpenAI's convention: the payload sits under the type's own name
         raise InputError(f"message {i} part {j} of type {kind!r} has no {kind!r} field")
-    if kind == "text" and not isinstance(part["text"], str):
-        raise InputError(f"message {i} part {j}: 'text' must be a string")
+    if kind == "text":
+        if not isinstance(part["text"], str):
+            raise InputError(f"message {i} part {j}: 'text' must be a string")
+        try:
+            part["text"].encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate (e.g. "\ud800" in JSON) is no character
+            raise InputError(f"message {i} part {j}: the text is not valid Unicode (a lone surrogate "
+                             f"{part['text'][e.start]!r} at position {e.start})") from None
     return part
 
 
@@ -294,3 +439,19 @@ def _image_url(part: dict) -> Any:
 
 def _raise_template_error(message: str) -> None:
     raise TemplateError(message)
+
+
+class _GenerationTag(Extension):
+    """transformers' `{% generation %}…{% endgeneration %}` (it marks assistant text, e.g. in LLaVA's
+    template): rendered as its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    @staticmethod
+    def _body(caller: Any) -> str:
+        return caller()

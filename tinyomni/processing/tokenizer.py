@@ -120,7 +120,25 @@ class Tokenizer:
         missing = [t for t in tokens if self.backend.token_to_id(t) is None]
         if missing:
             self.backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+            self._as_text = None
+            self._special_ids = None
         return [self.backend.token_to_id(t) for t in tokens]
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the control tokens (`<|im_start|>`, `<img>`, ...): only a template may write them."""
+        if getattr(self, "_special_ids", None) is None:
+            self._special_ids = frozenset(i for i, t in self.backend.get_added_tokens_decoder().items() if t.special)
+        return self._special_ids
+
+    def encode_as_text(self, text: str) -> list[int]:
+        """Encode user text in which control-token strings are plain characters ("<|im_start|>" typed
+        in a message is spelt out, never the token). Never adds BOS."""
+        if getattr(self, "_as_text", None) is None:
+            # A second backend, so concurrent encodes (the server's threads) never see a flag flip.
+            self._as_text = HFTokenizer.from_str(self.backend.to_str())
+            self._as_text.encode_special_tokens = True
+        return self._as_text.encode(text, add_special_tokens=False).ids
 
     def encode(self, text: str) -> list[int]:
         ids = self.backend.encode(text, add_special_tokens=False).ids

@@ -74,6 +74,11 @@ def _pick(num_total: int, num_frames: int) -> list[int]:
     return sample_frame_indices(num_total, num_frames)
 
 
+# The most frames a video may have (10 minutes at 30 fps): every frame is decoded to count and pick
+# them, so the cost of a longer clip is refused from its header, or once decoding passes it.
+MAX_VIDEO_FRAMES = 18_000
+
+
 def load_video_frames(source: VideoSource, num_frames: int = 8,
                       max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[Image.Image]:
     """Up to `num_frames` RGB frames from a video, an animated image or a list of images, in order.
@@ -113,8 +118,10 @@ def _pillow_frames(image: Image.Image, name: str, num_frames: int,
     if max_pixels is not None and width * height > max_pixels:
         raise InputError(f"{name}: frames are too large ({width}x{height}; "
                          f"the limit is max_pixels={max_pixels:,})")
+    total = getattr(image, "n_frames", 1)
+    if total > MAX_VIDEO_FRAMES:
+        raise InputError(f"{name}: the animation has {total:,} frames; at most {MAX_VIDEO_FRAMES:,} are accepted")
     try:
-        total = getattr(image, "n_frames", 1)
         frames = []
         for index in _pick(total, num_frames):
             image.seek(index)
@@ -148,6 +155,9 @@ def _decode(resolved: ResolvedSource, wanted: set[int],
         stream = container.streams.video[0]
         try:
             for frame in container.decode(stream):
+                if count >= MAX_VIDEO_FRAMES:
+                    raise InputError(f"{resolved.name}: the video has more than {MAX_VIDEO_FRAMES:,} frames; "
+                                     "cut it shorter")
                 if max_pixels is not None and frame.width * frame.height > max_pixels:
                     raise InputError(f"{resolved.name}: frames are too large ({frame.width}x{frame.height}; "
                                      f"the limit is max_pixels={max_pixels:,})")
@@ -163,7 +173,11 @@ def _frame_count_hint(resolved: ResolvedSource) -> int:
     with _open_container(resolved) as container:
         if not container.streams.video:
             raise InputError(f"{resolved.name}: has no video stream")
-        return max(0, int(container.streams.video[0].frames or 0))
+        hint = max(0, int(container.streams.video[0].frames or 0))
+    if hint > MAX_VIDEO_FRAMES:  # from the header: refused before any frame is decoded
+        raise InputError(f"{resolved.name}: the video has {hint:,} frames; at most {MAX_VIDEO_FRAMES:,} "
+                         "are accepted; cut it shorter")
+    return hint
 
 
 def _pyav_frames(resolved: ResolvedSource, num_frames: int, max_pixels: int | None) -> list[Image.Image]:

@@ -35,8 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("TINYOMNI_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $TINYOMNI_API_KEY, else none)")
-    p.add_argument("--allow-host", action="append", default=[], metavar="HOST",
-                   help="a host image URLs may be fetched from (repeatable; '*.example.org' for subdomains)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="HOST[:PORT]",
+                   help="a host image URLs may be fetched from (repeatable; '*.example.org' for subdomains; "
+                        "without :PORT only the scheme's own port, 80 or 443)")
+    p.add_argument("--fetch-timeout", type=float, default=_DEFAULTS.fetch_timeout,
+                   help="seconds one image URL may take to fetch, redirects included (default: %(default)g)")
     p.add_argument("--allow-dir", action="append", default=[], metavar="DIR", type=Path,
                    help="a directory whose files image_url may name by path (repeatable)")
     limits = p.add_argument_group("limits (each violation answers a 4xx naming the limit)")
@@ -62,10 +65,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     engine.add_argument("--max-context", type=int, default=_DEFAULTS.max_context,
                         help="KV-cache tokens per request, prompt + answer (default: %(default)d, capped "
                              "at the model's context)")
-    engine.add_argument("--temperature", type=float, default=_DEFAULTS.temperature,
-                        help="temperature for requests that give none (default: %(default)g, as OpenAI)")
-    engine.add_argument("--top-p", type=float, default=_DEFAULTS.top_p,
-                        help="top_p for requests that give none (default: %(default)g)")
+    engine.add_argument("--temperature", type=float, default=None,
+                        help="temperature for requests that give none (default: the model's "
+                             "generation_config.json, else 1.0 as OpenAI)")
+    engine.add_argument("--top-p", type=float, default=None,
+                        help="top_p for requests that give none (default: the model's, else 1.0)")
     engine.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=handler)
     return p
@@ -78,7 +82,8 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         max_image_pixels=args.max_image_pixels, max_tiles=args.max_tiles,
         max_media_items=args.max_media_items, max_audio_seconds=args.max_audio_seconds,
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-        max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context)
+        max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
+        fetch_timeout=args.fetch_timeout)
 
 
 def handler(args: argparse.Namespace) -> int:
@@ -111,11 +116,19 @@ def handler(args: argparse.Namespace) -> int:
     print(f"tinyomni: serving {model.name} at http://{args.host}:{args.port}/ (API at /v1); "
           f"{engine.max_batch} requests at a time, {engine.max_context} tokens each "
           f"(KV cache {engine.cache_bytes / 2**20:,.0f} MiB; --max-batch, --max-context)", file=sys.stderr)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    # If the engine loop ever dies, stop serving and exit non-zero so a supervisor restarts us,
+    # rather than answer every request with an error (/health says 503 meanwhile).
+    engine.on_failure = lambda _: setattr(server, "should_exit", True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        server.run()
     except OSError as e:  # e.g. the port is taken
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if engine.failure is not None:
+        print(f"error: the engine stopped after an internal error ({type(engine.failure).__name__}: "
+              f"{engine.failure}); the traceback is in the log above", file=sys.stderr)
+        return 3
     return 0
 
 

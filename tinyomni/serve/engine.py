@@ -27,7 +27,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import torch
@@ -49,6 +49,10 @@ class QueueFullError(TinyOmniError):
 
 class EngineClosedError(TinyOmniError):
     """The engine was shut down before (or while) this request ran."""
+
+
+class EngineFailedError(EngineClosedError):
+    """The engine loop itself died (a bug, not a request's fault): nothing more will be generated."""
 
 
 class RequestCancelled(TinyOmniError):
@@ -152,6 +156,8 @@ class Engine:
         self._kv: KVCache | None = None  # allocated by start(); the engine's own, not the model's
         self.steps = 0  # decode steps run, for stats and tests
         self.tokens = 0  # tokens generated
+        self.failure: BaseException | None = None  # why the loop died, if it did (then health is 503)
+        self.on_failure: Callable[[BaseException], None] | None = None  # e.g. stop the HTTP server
 
     # --- public ------------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -178,6 +184,9 @@ class Engine:
         """Queue a prepared prompt. Raises InputError (bad parameters), ContextLengthError, or
         QueueFullError when `max_queue` requests are already waiting."""
         params.validate()
+        if self.failure is not None:
+            raise EngineFailedError(f"the engine has stopped after an internal error "
+                                    f"({type(self.failure).__name__}); restart the server")
         if self._closed.is_set() or self._thread is None:
             raise EngineClosedError("the engine is not running")
         n = len(prompt.input_ids)
@@ -208,12 +217,26 @@ class Engine:
 
     # --- the loop ----------------------------------------------------------------------------------
     def _run(self) -> None:
-        with torch.inference_mode():
-            while not self._closed.is_set():
-                self._free_cancelled()
-                self._admit()
-                if any(self._rows):
-                    self._step()
+        # Each request's own failures are caught where they happen (_prefill, _step, _fail); this is
+        # the last line: a bug in the loop fails everything loudly instead of leaving clients waiting.
+        try:
+            with torch.inference_mode():
+                while not self._closed.is_set():
+                    self._free_cancelled()
+                    self._admit()
+                    if any(self._rows):
+                        self._step()
+        except BaseException as e:
+            self.failure = e
+            log.critical("the engine loop died; no more requests can be served", exc_info=e)
+            error = EngineFailedError(f"the engine stopped after an internal error ({type(e).__name__})")
+            for row, request in enumerate(self._rows):
+                if request is not None:
+                    request._emit("error", error)
+                    self._rows[row] = None
+            self._fail_waiting(error)
+            if self.on_failure is not None:
+                self.on_failure(e)
 
     def _free_cancelled(self) -> None:
         for request in self._rows:
@@ -238,29 +261,30 @@ class Engine:
 
     def _prefill(self, request: Request, row: int) -> None:
         """Write the prompt (with its media) into cache row `row` and sample the first token."""
-        prompt, device = request.prompt, self._device
-        ids = torch.tensor([prompt.input_ids], device=device)
-        slots = torch.arange(ids.shape[1], device=device)
-        pixels = prompt.pixel_values.to(device) if prompt.pixel_values is not None else None
-        try:
+        prompt, device, params = request.prompt, self._device, request.params
+        try:  # anything wrong with this one request (its media, its parameters) fails it alone
+            ids = torch.tensor([prompt.input_ids], device=device)
+            slots = torch.arange(ids.shape[1], device=device)
+            pixels = prompt.pixel_values.to(device) if prompt.pixel_values is not None else None
+            if params.seed is not None:
+                request.generator = torch.Generator(device=device).manual_seed(params.seed)
             logits, _ = self.model.model(
                 ids, pixel_values=pixels, audio_features=[a.to(device) for a in prompt.audio_features],
                 position_ids=slots[None], logits_to_keep=1,
                 cache=CacheState(self._kv, slots, len(slots), rows=torch.tensor([row], device=device)))
-        except Exception as e:  # a bad media tensor must fail its own request, not the server
-            log.exception("prefill failed")
-            request._emit("error", e)
-            return
-        params = request.params
-        request.row, request.length = row, len(slots)
-        request.stream = TextStream(self.model.tokenizer, params.stop)
-        if params.seed is not None:
-            request.generator = torch.Generator(device=device).manual_seed(params.seed)
-        if params.repetition_penalty != 1.0:
-            request.history = ids
-        self._rows[row] = request
-        request._emit("start")
-        self._accept(request, self._sample([request], logits[:, -1])[0])
+            request.row, request.length = row, len(slots)
+            request.stream = TextStream(self.model.tokenizer, params.stop,
+                                        0 if params.ignore_eos else params.max_repeat_tokens)
+            if params.repetition_penalty != 1.0:
+                request.history = ids
+            self._rows[row] = request
+            request._emit("start")
+            token = self._sample([request], logits[:, -1])[0]
+            if isinstance(token, Exception):
+                raise token
+            self._accept(request, token)
+        except Exception as e:
+            self._fail(request, e, "prefill")
 
     def _step(self) -> None:
         """One decode step for every active row, each at its own slot."""
@@ -275,31 +299,46 @@ class Engine:
         try:
             logits, _ = self._decoder(input_ids=tokens, position_ids=slots, attention_mask=key_valid,
                                       cache=CacheState(self._kv, slots, kv_len, rows=rows))
-        except Exception as e:
-            log.exception("decode step failed")
+        except Exception as e:  # one step serves every row: none of them can go on
             for request in active:
-                self._free(request)
-                request._emit("error", e)
+                self._fail(request, e, "decode step")
             return
         self.steps += 1
         for request in active:
             request.length += 1
         for request, token in zip(active, self._sample(active, logits[:, -1])):
-            self._accept(request, token)
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                self._accept(request, token)
+            except Exception as e:
+                self._fail(request, e, "sampling")
 
-    def _sample(self, requests: list[Request], logits: Tensor) -> list[int]:
-        """One token per row, each with its own request's parameters and random generator."""
+    def _sample(self, requests: list[Request], logits: Tensor) -> list[int | Exception]:
+        """One token per row, each with its own request's parameters and random generator; a row
+        whose sampling fails gets its exception in place of a token."""
         if self._suppress:
             logits[:, self._suppress] = float("-inf")  # media tokens are inputs only
         greedy = logits.argmax(-1).tolist()  # the common case, batched
-        tokens = []
+        tokens: list[int | Exception] = []
         for i, request in enumerate(requests):
             params = request.params
             if params.temperature == 0 and params.repetition_penalty == 1.0:
                 tokens.append(greedy[i])
-            else:
+                continue
+            try:
                 tokens.append(int(sample(logits[i:i + 1], params, request.generator, request.history)))
+            except Exception as e:
+                tokens.append(e)
         return tokens
+
+    def _fail(self, request: Request, error: Exception, stage: str) -> None:
+        """End one request with `error` and free its row; the loop goes on."""
+        if not isinstance(error, TinyOmniError):  # not the input's fault: worth a line in the log (the
+            # traceback travels with the error to whoever waits for the request, e.g. the server)
+            log.warning("request %d failed during %s: %s: %s", request.id, stage, type(error).__name__, error)
+        self._free(request)
+        request._emit("error", error)
 
     def _accept(self, request: Request, token: int) -> None:
         """Emit a sampled token's text; finish the request or keep the token to feed next step."""
@@ -311,7 +350,7 @@ class Engine:
         if delta:
             request._emit("delta", delta)
         if stream.stopped:
-            return self._finish(request, "stop")
+            return self._finish(request, stream.reason)
         if len(stream.ids) >= request.max_new_tokens:
             return self._finish(request, "length")
         request.next_token = token
@@ -332,10 +371,10 @@ class Engine:
         if 0 <= request.row < self.max_batch and self._rows[request.row] is request:
             self._rows[request.row] = None  # the row's stale slots are never read: masks stop at length
 
-    def _fail_waiting(self) -> None:
+    def _fail_waiting(self, error: Exception | None = None) -> None:
         while True:
             try:
                 request = self._waiting.get_nowait()
             except queue.Empty:
                 return
-            request._emit("error", EngineClosedError("the server is shutting down"))
+            request._emit("error", error or EngineClosedError("the server is shutting down"))

@@ -43,10 +43,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tinyomni.api import Model
 from tinyomni.errors import ContextLengthError, InputError
-from tinyomni.generate import SamplingParams
-from tinyomni.processing.audio import SAMPLE_RATE, load_audio
+from tinyomni.generate import SamplingError, SamplingParams
+from tinyomni.processing.audio import SAMPLE_RATE, AudioTooLongError, load_audio
 from tinyomni.processing.image import load_image
-from tinyomni.serve.engine import Engine, EngineClosedError, QueueFullError
+from tinyomni.serve.engine import Engine, EngineClosedError, EngineFailedError, QueueFullError
 from tinyomni.serve.engine import Request as EngineRequest
 
 log = logging.getLogger("tinyomni.serve")
@@ -61,7 +61,7 @@ class ServerOptions:
 
     model_name: str | None = None  # the id clients pass as `model` (default: the model's own name)
     api_key: str | None = None  # when set, every /v1 endpoint needs `Authorization: Bearer <key>`
-    allow_hosts: list[str] = field(default_factory=list)  # hosts image URLs may be fetched from ("*.x.org")
+    allow_hosts: list[str] = field(default_factory=list)  # "host[:port]" image URLs may come from ("*.x.org")
     allow_dirs: list[Path] = field(default_factory=list)  # directories local image paths may be under
     max_body_bytes: int = 25 * 1024 * 1024
     max_image_pixels: int = 25_000_000  # width × height of one image, checked before decoding
@@ -69,12 +69,13 @@ class ServerOptions:
     max_media_items: int = 8  # images + audio clips in one request
     max_audio_seconds: float = 30.0  # per clip
     max_tokens: int = 1024  # the largest max_tokens a request may ask for, and the default
-    temperature: float = 1.0  # defaults when a request gives none (OpenAI's)
-    top_p: float = 1.0
+    # Defaults when a request gives none; None: the model's generation_config.json, else OpenAI's (1.0).
+    temperature: float | None = None
+    top_p: float | None = None
     max_batch: int = 8  # requests decoded together
     max_queue: int = 64  # requests waiting for a row; beyond that the server answers 503
     max_context: int | None = 2048  # cache slots per row (None: the model's context length)
-    fetch_timeout: float = 10.0  # seconds for fetching one image URL
+    fetch_timeout: float = 10.0  # seconds for fetching one image URL, redirects and all
 
 
 class APIError(Exception):
@@ -97,9 +98,13 @@ def error_response(status: int, message: str, code: str | None = None, param: st
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+# Limits whose `tinyomni serve` option is not simply the field's name in dashes.
+LIMIT_OPTIONS = {"max_body_bytes": "--max-body-mb"}
+
+
 def limit_error(limit: str, message: str, param: str | None = None, status: int = 400) -> APIError:
     """A request over one of the server's limits: the code is the limit, the message names its option."""
-    option = "--" + limit.replace("_", "-")
+    option = LIMIT_OPTIONS.get(limit, "--" + limit.replace("_", "-"))
     return APIError(status, f"{message} (server limit {limit}; set with `tinyomni serve {option}`)",
                     code=f"{limit}_exceeded", param=param)
 
@@ -138,10 +143,14 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body's JSON is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     try:
         request = ChatRequest.model_validate(data)
+    except RecursionError:
+        raise APIError(400, "the request body's JSON is nested too deeply", code="invalid_json") from None
     except ValidationError as e:
         first = e.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
@@ -157,7 +166,9 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     return request
 
 
-def sampling_params(request: ChatRequest, options: ServerOptions) -> SamplingParams:
+def sampling_params(request: ChatRequest, options: ServerOptions, model: Model) -> SamplingParams:
+    """The request's sampling fields over the server's and the model's defaults, validated in the one
+    place every front end uses (Model.sampling_params); a bad value is a 400 naming the field."""
     max_tokens = request.max_completion_tokens or request.max_tokens
     if max_tokens is not None and max_tokens > options.max_tokens:
         which = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
@@ -166,15 +177,19 @@ def sampling_params(request: ChatRequest, options: ServerOptions) -> SamplingPar
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     if len(stop) > 4 or any(not s for s in stop):
         raise APIError(400, "stop must be up to 4 non-empty strings", param="stop")
-    return SamplingParams(
-        max_new_tokens=max_tokens or options.max_tokens,
-        temperature=options.temperature if request.temperature is None else request.temperature,
-        top_p=options.top_p if request.top_p is None else request.top_p,
-        top_k=request.top_k or 0,
-        repetition_penalty=request.repetition_penalty or 1.0,
-        seed=request.seed,
-        stop=stop,
-    )
+    defaults = model.generation_defaults
+    try:
+        return model.sampling_params(
+            max_new_tokens=max_tokens or min(defaults.get("max_new_tokens", options.max_tokens), options.max_tokens),
+            temperature=first(request.temperature, options.temperature, defaults.get("temperature"), 1.0),
+            top_p=first(request.top_p, options.top_p, defaults.get("top_p"), 1.0),
+            top_k=request.top_k, repetition_penalty=request.repetition_penalty, seed=request.seed, stop=stop)
+    except SamplingError as e:
+        raise APIError(400, str(e), code="invalid_value", param=e.field) from None
+
+
+def first(*values: T | None) -> T | None:
+    return next((v for v in values if v is not None), None)
 
 
 # --- messages and media ----------------------------------------------------------------------------
@@ -277,14 +292,28 @@ class MediaResolver:
         return load_image(source, max_pixels=limit)
 
     async def _fetch(self, url: str, param: str) -> bytes:
-        """GET an image from an allowed host, following at most 3 redirects (each one re-checked)."""
+        """GET an image from an allowed host and port, following at most 3 redirects (each one
+        re-checked), all within one deadline: a slow host cannot hold a request past it."""
+        timeout = self.options.fetch_timeout
+        try:
+            return await asyncio.wait_for(self._fetch_within_deadline(url, param), timeout)
+        except asyncio.TimeoutError:
+            raise APIError(400, f"fetching {url} took longer than {timeout:g} s (set with "
+                           "`tinyomni serve --fetch-timeout`)", code="fetch_failed", param=param) from None
+
+    async def _fetch_within_deadline(self, url: str, param: str) -> bytes:
         limit = self.options.max_body_bytes
         for _ in range(4):
-            host = (urlsplit(url).hostname or "").lower()
-            if not host_allowed(host, self.options.allow_hosts):
+            parts = urlsplit(url)
+            host = (parts.hostname or "").lower()
+            try:
+                port = parts.port or (443 if parts.scheme == "https" else 80)
+            except ValueError:
+                raise APIError(400, f"{url} has an invalid port", code="fetch_failed", param=param) from None
+            if not host_allowed(host, port, parts.scheme, self.options.allow_hosts):
                 allowed = ", ".join(self.options.allow_hosts) or "none"
-                raise APIError(400, f"image URLs from host {host!r} are not allowed (allowed hosts: "
-                               f"{allowed}; set with `tinyomni serve --allow-host`)",
+                raise APIError(400, f"image URLs from {host}:{port} are not allowed (allowed hosts: "
+                               f"{allowed}; set with `tinyomni serve --allow-host HOST[:PORT]`)",
                                code="url_not_allowed", param=param)
             try:
                 async with self.client.stream("GET", url) as response:
@@ -341,13 +370,14 @@ class MediaResolver:
         data = payload["data"]
         param = f"{at}.input_audio.data"
         raw = data_url_bytes(data, param) if data.startswith("data:") else b64decode(data, param)
-        # Bytes only: the core would also read a path, which a client must never name.
-        samples = await asyncio.to_thread(load_audio, raw)
-        seconds = len(samples) / SAMPLE_RATE
-        if seconds > self.max_audio_seconds:
-            raise limit_error("max_audio_seconds", f"the audio clip is {seconds:.1f} s; this server "
-                              f"allows at most {self.max_audio_seconds:g} s per clip", param=param)
-        return samples
+        # Bytes only: the core would also read a path, which a client must never name. The length is
+        # checked from the header (or by stopping the decode), so a long clip costs no full decode.
+        try:
+            return await asyncio.to_thread(load_audio, raw, None, self.max_audio_seconds)
+        except AudioTooLongError as e:
+            length = f"{e.seconds:.1f} s" if e.seconds is not None else f"longer than {e.max_seconds:g} s"
+            raise limit_error("max_audio_seconds", f"the audio clip is {length}; this server allows at most "
+                              f"{self.max_audio_seconds:g} s per clip", param=param) from None
 
 
 def b64decode(text: str, param: str) -> bytes:
@@ -370,10 +400,16 @@ def data_url_bytes(url: str, param: str) -> bytes:
     return b64decode(payload, param)
 
 
-def host_allowed(host: str, patterns: list[str]) -> bool:
+def host_allowed(host: str, port: int, scheme: str, patterns: list[str]) -> bool:
+    """Whether `--allow-host` patterns allow host:port. "example.org" (or "*.example.org" for its
+    subdomains) allows the scheme's own port only (80 for http, 443 for https); "example.org:8080"
+    allows that port."""
     for pattern in patterns:
-        pattern = pattern.lower()
-        if host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])):
+        name, _, allowed_port = pattern.lower().rpartition(":") if ":" in pattern else (pattern.lower(), "", "")
+        wanted = int(allowed_port) if allowed_port.isdigit() else (443 if scheme == "https" else 80)
+        if port != wanted:
+            continue
+        if host == name or (name.startswith("*.") and host.endswith(name[1:])):
             return True
     return False
 
@@ -432,17 +468,29 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 
 def engine_error(e: Exception) -> APIError:
+    """The HTTP answer for an error from preparing or generating: 4xx when the request caused it, 503
+    when the server cannot take it, else 500 with an id to find the traceback in the log (never in
+    the body)."""
     if isinstance(e, ContextLengthError):
         return APIError(400, str(e), code="context_length_exceeded", param="messages")
+    if isinstance(e, SamplingError):
+        return APIError(400, str(e), code="invalid_value", param=e.field)
     if isinstance(e, InputError):
         return APIError(400, str(e), code="invalid_request", param="messages")
     if isinstance(e, QueueFullError):
         return APIError(503, str(e), code="server_busy", type="server_error", headers={"Retry-After": "1"})
+    if isinstance(e, EngineFailedError):
+        return APIError(503, str(e), code="engine_failed", type="server_error")
     if isinstance(e, EngineClosedError):
         return APIError(503, str(e), code="server_shutting_down", type="server_error")
-    log.error("generation failed", exc_info=e)
-    return APIError(500, f"the server failed to generate: {type(e).__name__}", code="internal_error",
-                    type="server_error")
+    return internal_error_of(e, "generation failed")
+
+
+def internal_error_of(e: BaseException, what: str) -> APIError:
+    error_id = uuid.uuid4().hex[:12]
+    log.error("%s (error id %s)", what, error_id, exc_info=e)
+    return APIError(500, f"internal server error ({type(e).__name__}); error id {error_id} is in the "
+                    "server's log", code="internal_error", type="server_error")
 
 
 # --- the app ---------------------------------------------------------------------------------------
@@ -490,9 +538,7 @@ def create_app(model: Model, options: ServerOptions | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, e: Exception) -> JSONResponse:
-        log.error("unhandled error", exc_info=e)
-        return error_response(500, f"internal server error: {type(e).__name__}", code="internal_error",
-                              type="server_error")
+        return internal_error_of(e, "unhandled error").response()
 
     async def check_key(request: Request) -> None:
         if options.api_key is None:
@@ -527,7 +573,7 @@ def create_app(model: Model, options: ServerOptions | None = None) -> FastAPI:
         if chat.model is not None and chat.model != name:
             raise APIError(404, f"model {chat.model!r} not found; this server has {name!r}",
                            code="model_not_found", param="model")
-        params = sampling_params(chat, options)
+        params = sampling_params(chat, options, model)
         messages = await state["media"].resolve(chat.messages)
         try:
             prompt = await asyncio.to_thread(model.prepare, messages, max_tiles)
@@ -594,8 +640,11 @@ def create_app(model: Model, options: ServerOptions | None = None) -> FastAPI:
     app.include_router(v1)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": name, **engine.stats()}
+    async def health() -> JSONResponse:
+        if engine.failure is not None:  # a supervisor should restart us; the CLI exits non-zero too
+            return JSONResponse({"status": "failed", "model": name, "error": type(engine.failure).__name__,
+                                 **engine.stats()}, status_code=503)
+        return JSONResponse({"status": "ok", "model": name, **engine.stats()})
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
