@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -10,6 +12,10 @@ from PIL import Image
 
 import tinyomni
 from tinyomni import api
+
+# Tests never write the user's load cache (~/.cache/tinyomni); the cache's own tests point it at a
+# temporary directory.
+os.environ["TINYOMNI_CACHE"] = "off"
 
 
 @pytest.fixture(scope="session")

@@ -68,6 +68,9 @@ class Model:
         self.decoder_modified = False
         # False for a model whose encoders were just initialised (e.g. "smollm2"): it cannot see or hear.
         self.encoders_trained = True
+        # Default sampling settings (a checkpoint's generation_config.json); every front end starts from
+        # these and a caller's own values win.
+        self.generation_defaults: dict[str, Any] = {}
         self.processor = ChatProcessor(tokenizer, model.config, chat_template)
         self.chat_template = self.processor.chat_template
         model.image_token_id = self.processor.image_context_id
@@ -125,14 +128,21 @@ class Model:
         parts.append({"type": "text", "text": question})
         return self.chat([{"role": "user", "content": parts}], **sampling)
 
+    def sampling_params(self, **sampling: Any) -> SamplingParams:
+        """The model's default settings with `sampling` on top (None means "the default"), validated:
+        a bad value raises SamplingError naming the field. Every front end builds its params here."""
+        names = {f.name for f in dataclasses.fields(SamplingParams)}
+        unknown = sorted(set(sampling) - names)
+        if unknown:
+            raise InputError(f"unknown sampling option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        params = SamplingParams(**{**self.generation_defaults,
+                                   **{k: v for k, v in sampling.items() if v is not None}})
+        params.validate()
+        return params
+
     def _generation(self, conversations: list[Messages], max_tiles: int | None,
                     sampling: dict[str, Any]) -> Generation:
-        try:
-            params = SamplingParams(**sampling)
-        except TypeError:
-            known = ", ".join(f.name for f in dataclasses.fields(SamplingParams))
-            unknown = ", ".join(sorted(set(sampling) - {f.name for f in dataclasses.fields(SamplingParams)}))
-            raise InputError(f"unknown sampling option(s) {unknown}; known: {known}") from None
+        params = self.sampling_params(**sampling)
         prompts = [self.prepare(m, max_tiles) for m in conversations]
         return Generation(self.model, self.tokenizer, prompts, params, self.suppress_ids)
 
@@ -144,6 +154,11 @@ class Model:
         LoRA layers are written apart as an adapter (`adapter_model.safetensors` + `adapter_config.json`),
         which loading merges back in. `weights_dtype` (e.g. "float16") stores floating-point weights
         in that type, half the size; loading casts them to the dtype asked for."""
+        return native.atomic_directory(path, lambda tmp: self._write(tmp, store_decoder, weights_dtype))
+
+    def _write(self, tmp: Path, store_decoder: bool | None = None,
+               weights_dtype: torch.dtype | str | None = None) -> None:
+        """The checkpoint's files into the (empty) directory `tmp`; `save` makes that atomic."""
         config = self.config
         if store_decoder is None:
             store_decoder = config.base_decoder is None or self.decoder_modified
@@ -160,16 +175,15 @@ class Model:
         saved_config = dataclasses.replace(config, base_decoder=None if store_decoder else config.base_decoder)
         cast = None if weights_dtype is None else _dtype(weights_dtype)
 
-        def write(tmp: Path) -> None:
-            saved_config.save(tmp / native.CONFIG_FILE)
-            native.save_weights(tmp, state, dtype=cast)
-            self.tokenizer.save(tmp)
-            (tmp / native.TEMPLATE_FILE).write_text(self.chat_template)
-            if adapter is not None:
-                (tmp / lora.ADAPTER_CONFIG).write_text(json.dumps(adapter, indent=2) + "\n")
-                native.save_weights(tmp, adapter_state, lora.ADAPTER_WEIGHTS, dtype=cast)
-
-        return native.atomic_directory(path, write)
+        saved_config.save(tmp / native.CONFIG_FILE)
+        native.save_weights(tmp, state, dtype=cast)
+        self.tokenizer.save(tmp)
+        (tmp / native.TEMPLATE_FILE).write_text(self.chat_template)
+        if self.generation_defaults:
+            (tmp / native.GENERATION_FILE).write_text(json.dumps(self.generation_defaults, indent=2) + "\n")
+        if adapter is not None:
+            (tmp / lora.ADAPTER_CONFIG).write_text(json.dumps(adapter, indent=2) + "\n")
+            native.save_weights(tmp, adapter_state, lora.ADAPTER_WEIGHTS, dtype=cast)
 
     def info(self, image_size: tuple[int, int] | None = None) -> dict[str, Any]:
         """Parameters per part, context length, and tokens an image of `image_size` (w, h) costs."""
@@ -218,17 +232,48 @@ def load(path_or_id: str | Path | None = None, device: str | torch.device = "cpu
             raise CheckpointError(f"the reference model is missing from this installation ({path}); "
                                   "reinstall tinyomni, or train it: tinyomni train recipes/tinyomni-world.toml")
     if path.is_dir() and (path / native.CONFIG_FILE).is_file() and _model_type(path) == "tinyomni":
-        model = _load_native(path)
-        if path == REFERENCE_MODEL_DIR:
-            model.name = REFERENCE_MODEL
-    elif spec == "smollm2" or spec.endswith(".gguf") or path.is_dir():
-        model = from_base_decoder(spec)
+        name = REFERENCE_MODEL if path == REFERENCE_MODEL_DIR else str(path)
+        base = native.read_config(path).base_decoder
+        if base is None and not (path / lora.ADAPTER_CONFIG).is_file():
+            model = _load_native(path, name)  # already one safetensors read: nothing to cache
+        else:  # a GGUF base to dequantize, an adapter to merge: built once, then read from the cache
+            model = _cached([path, *_base_sources(base)], dtype, lambda: _load_native(path, name))
+    elif spec == "smollm2" or spec.endswith(".gguf"):
+        model = _cached(_base_sources(spec), dtype, lambda: from_base_decoder(spec))
+    elif path.is_dir():
+        model = _load_hf_dir(path, spec)
     elif spec.count("/") == 1 and not path.exists():
-        model = from_base_decoder(str(_download(spec)))
+        model = _load_hf_dir(_download(spec), spec)
     else:
         raise CheckpointError(f"no model at {spec!r}: expected a checkpoint directory, 'smollm2', "
                               "a .gguf file, a Hugging Face directory or a hub id like 'org/name'")
     return model.to(device, dtype)
+
+
+def _load_hf_dir(path: Path, spec: str) -> Model:
+    """A Hugging Face directory, by the family its config.json's architecture names (checkpoints/families.py):
+    a text decoder gets fresh encoders around it; a multimodal family is imported whole."""
+    from tinyomni.checkpoints.families import family_for
+
+    _, family = family_for(path)
+    if family.read is None:  # keep `spec` as the base's name when it is the directory (saved checkpoints cite it)
+        return from_base_decoder(spec if Path(spec).expanduser() == path else str(path))
+    return _from_imported(family.read(path), path, name=spec)
+
+
+def _from_imported(imported: Any, path: Path, name: str) -> Model:
+    """An `Imported` checkpoint (checkpoints/families.py) as a Model: every tensor checked, then loaded."""
+    model = assemble(imported.config, imported.state, name)  # no initialisation, no second copy
+    built = _without_absent_tokens(Model(model, imported.tokenizer, imported.chat_template, name=name))
+    built.generation_defaults = native.read_generation_config(path)
+    return built
+
+
+def _without_absent_tokens(model: Model) -> Model:
+    """A model without an audio tower may lack audio tokens (the processor gives them id -1); -1 must
+    not reach the suppressed ids, where it would silence the vocabulary's last token."""
+    model.suppress_ids = [i for i in model.suppress_ids if i >= 0]
+    return model
 
 
 def from_base_decoder(spec: str, vision: VisionConfig | None = None, audio: AudioConfig | None = None,
@@ -323,35 +368,105 @@ def _load_decoder_weights(model: OmniModel, base: BaseDecoder, added_rows: torch
     model.language_model.load_state_dict(state, strict=False)
 
 
-def _load_native(path: Path) -> Model:
+def _base_sources(spec: str | None) -> list[Path]:
+    """The files a base decoder is read from (what a cached build of it depends on)."""
+    if spec is None:
+        return []
+    if spec == "smollm2":
+        from tinyomni.checkpoints.gguf import smollm2_gguf_path
+
+        return [smollm2_gguf_path()]
+    return [Path(spec).expanduser()]
+
+
+def _cached(sources: list[Path], dtype: torch.dtype, build: Any) -> Model:
+    """`build()` the model once; later loads read what it built from the load cache
+    (checkpoints/cache.py), keyed by the sources' hashes and the dtype: one safetensors read, no GGUF
+    dequantization, no LoRA merge, no weight initialisation."""
+    from tinyomni.checkpoints import cache
+
+    if cache.cache_root() is None:
+        return build()
+    key = cache.entry_key(sources, dtype=str(dtype).replace("torch.", ""))
+    entry = cache.find(key)
+    if entry is not None:
+        try:
+            return _load_cache_entry(entry)
+        except (CheckpointError, OSError, ValueError, KeyError):
+            pass  # a damaged entry is built again and replaced
+    model = build().to(dtype=dtype)
+    info = {"name": str(model.name), "base_decoder": model.config.base_decoder,
+            "decoder_modified": model.decoder_modified, "encoders_trained": model.encoders_trained}
+    cache.store(key, lambda tmp: model._write(tmp, store_decoder=True), info)
+    return model
+
+
+def _load_cache_entry(entry: Path) -> Model:
+    from tinyomni.checkpoints import cache
+
+    info = cache.read_info(entry)
+    loaded = _load_native(entry, info["name"])  # a complete checkpoint: read, not built
+    loaded.config.base_decoder = info["base_decoder"]  # saving again stores only what the base lacks
+    loaded.decoder_modified = info["decoder_modified"]
+    loaded.encoders_trained = info["encoders_trained"]
+    return loaded
+
+
+def assemble(config: OmniConfig, state: dict[str, torch.Tensor], where: str) -> OmniModel:
+    """An OmniModel holding `state` (every tensor of it), built without initialising weights that
+    would be overwritten at once: on the meta device, then the checkpoint's tensors put in place."""
+    from tinyomni.model.decoder import RotaryEmbedding
+
+    with torch.device("meta"):
+        model = OmniModel(config)
+    tied = config.decoder.tie_word_embeddings
+    native.check_state(model, state, where, allow_missing=lambda k: tied and k == "language_model.lm_head.weight")
+    model.load_state_dict(state, strict=False, assign=True)
+    decoder = model.language_model
+    if tied:  # assign replaced the embedding's Parameter: the head must share the new one
+        decoder.lm_head.weight = decoder.model.embed_tokens.weight
+    decoder.model.rotary_emb = RotaryEmbedding(config.decoder)  # its tables are computed, not stored
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{where}: no weights for {', '.join(left[:5])}")
+    return model
+
+
+def _load_native(path: Path, name: str | None = None) -> Model:
     config = native.read_config(path)
     state = native.read_weights(path)
     tokenizer = Tokenizer.from_dir(path)
     template = _read_template(path)
-    with _seeded(0):
-        model = OmniModel(config)
+    merged = (path / lora.ADAPTER_CONFIG).is_file()
     tied = config.decoder.tie_word_embeddings
+    if config.base_decoder is None and not merged:  # every tensor is in the file: nothing to initialise
+        model = assemble(config, state, str(path))
+    else:
+        with _seeded(0):
+            model = OmniModel(config)
     if config.base_decoder is not None:
         base = load_base_decoder(config.base_decoder)
         _load_decoder_weights(model, base, state.pop(native.ADDED_ROWS, None))
         own = {k for k in model.state_dict() if not k.startswith("language_model.")}
         native.check_state(model, state, str(path), allow_missing=lambda k: k not in own)
-    else:
+        model.load_state_dict(state, strict=False)
+    elif merged:
         native.check_state(model, state, str(path),
                            allow_missing=lambda k: tied and k == "language_model.lm_head.weight")
-    model.load_state_dict(state, strict=False)
-    merged = (path / lora.ADAPTER_CONFIG).is_file()
+        model.load_state_dict(state, strict=False)
     if merged:  # a LoRA adapter: rebuilt, loaded and merged for speed
         adapter = json.loads((path / lora.ADAPTER_CONFIG).read_text())
         try:
             lora.load_adapter(model, adapter, native.read_weights(path, lora.ADAPTER_WEIGHTS))
         except (KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{path}: the LoRA adapter does not fit the model ({e})") from None
-    if len(tokenizer) != config.decoder.vocab_size:
-        raise CheckpointError(f"{path}: tokenizer has {len(tokenizer)} tokens but the decoder has "
+    # More embeddings than tokens is fine (Qwen2 pads its table, e.g. a saved InternVL); fewer is not.
+    if len(tokenizer) > config.decoder.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has {len(tokenizer)} tokens but the decoder has only "
                               f"{config.decoder.vocab_size} embeddings")
-    loaded = Model(model, tokenizer, template, name=str(path))
+    loaded = _without_absent_tokens(Model(model, tokenizer, template, name=name or str(path)))
     loaded.decoder_modified = merged
+    loaded.generation_defaults = native.read_generation_config(path)
     return loaded
 
 
@@ -396,6 +511,7 @@ def _dtype(dtype: torch.dtype | str) -> torch.dtype:
     return names[dtype]
 
 
+# torch.nn.init functions that modules call while they are built.
 @contextlib.contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     """Deterministic initialisation without touching the caller's global RNG."""

@@ -1,4 +1,4 @@
-"""The `tinyomni` command: chat | info, plus world | train | eval | serve from their own packages.
+"""The `tinyomni` command: chat | info | export, plus world | train | eval | serve from their own packages.
 
     tinyomni chat "What is the capital of France?"
     tinyomni chat --image photo.jpg --audio question.wav "Answer the question about the picture."
@@ -52,6 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--image-size", help="WIDTHxHEIGHT: how many tiles and tokens such an image costs")
     info.set_defaults(func=run_info)
 
+    export = sub.add_parser("export", help="write a model where other tools run it (GGUF, transformers)",
+                            description="Export a model: --to gguf writes its text decoder, tokenizer and "
+                                        "chat template as one GGUF file for llama.cpp and its peers; --to hf "
+                                        "writes a transformers InternVL directory (InternVLForConditionalGeneration), "
+                                        "or with --text-only its decoder as a Llama/Qwen2 one (docs/models.md).")
+    export.add_argument("model", help="'tinyomni-world', a checkpoint directory, 'smollm2', ... (as --model)")
+    export.add_argument("--to", choices=["gguf", "hf"], default="gguf", help="the format (default: %(default)s)")
+    export.add_argument("--out", required=True, help="the file (gguf) or directory (hf) to write")
+    export.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default=None,
+                        help="the type of the weight matrices (gguf default f16, norms stay f32; hf default: "
+                             "as loaded, f32)")
+    export.add_argument("--text-only", action="store_true",
+                        help="hf: write the text decoder alone (LlamaForCausalLM / Qwen2ForCausalLM), e.g. for a "
+                             "model whose vision tower InternVL cannot hold")
+    export.set_defaults(func=run_export)
+
     # Each of these lives with the code it drives; a missing one is a broken install, not optional.
     from tinyomni.eval import cli as eval_cli
     from tinyomni.serve import cli as serve_cli
@@ -75,19 +91,29 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    """Sampling flags; each left out takes the model's default (its generation_config.json, else
+    tinyomni's: greedy, 256 new tokens, loops stopped after 32 repeated tokens)."""
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=None)
+    parser.add_argument("--max-repeat-tokens", type=int, default=None,
+                        help="stop an answer that repeats one phrase for this many tokens (0 = never)")
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    parser.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
 
 
 def sampling_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-            "top_k": args.top_k, "repetition_penalty": args.repetition_penalty, "seed": args.seed,
-            "stop": args.stop}
+    """The sampling flags given on the command line, checked (a bad one is an error naming it)."""
+    from tinyomni.generate import SamplingParams
+
+    given = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+             "top_k": args.top_k, "repetition_penalty": args.repetition_penalty,
+             "max_repeat_tokens": args.max_repeat_tokens, "seed": args.seed, "stop": args.stop}
+    given = {k: v for k, v in given.items() if v is not None}
+    SamplingParams(**given).validate()  # before the model loads, not seconds later
+    return given
 
 
 def load_model(args: argparse.Namespace):
@@ -124,6 +150,7 @@ def stream_answer(model, messages: list[dict[str, Any]], args: argparse.Namespac
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    sampling_from_args(args)
     model = load_model(args)
     history: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
     pending = media_parts(args.image, args.video, args.audio)
@@ -212,6 +239,42 @@ def run_info(args: argparse.Namespace) -> int:
         table.add_row("audio", f"{facts['audio_tokens_per_second']} tokens/s, "
                                f"at most {facts['max_audio_seconds']:.0f} s")
     Console().print(table)
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from tinyomni import api
+
+    if args.to == "gguf" and args.text_only:
+        print("error: --text-only is for --to hf (a GGUF file holds the text decoder alone anyway)", file=sys.stderr)
+        return 2
+    if args.to == "hf" and args.outtype == "q8_0":
+        print("error: --to hf writes f32, f16 or bf16 weights, not q8_0", file=sys.stderr)
+        return 2
+    console = Console(stderr=True)
+    with console.status(f"loading {args.model} ..."):
+        model = api.load(args.model)
+    if args.to == "hf":
+        from tinyomni.checkpoints.export_hf import export_hf
+
+        dtype = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}.get(args.outtype or "")
+        with console.status(f"writing {args.out} ..."):
+            path = export_hf(model, args.out, text_only=args.text_only, weights_dtype=dtype,
+                             note=lambda line: console.print(f"note: {line}", markup=False, highlight=False))
+        size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
+        what = ("the text decoder (AutoModelForCausalLM)" if args.text_only
+                else "an InternVL model (AutoModelForImageTextToText + InternVLProcessor)")
+        console.print(f"wrote {path} ({size:,.1f} MiB): {what}; transformers loads it as it is", markup=False)
+        return 0
+    from tinyomni.checkpoints.export_gguf import export_gguf
+
+    outtype = args.outtype or "f16"
+    with console.status(f"writing {args.out} ({outtype}) ..."):
+        path = export_gguf(model, args.out, outtype)
+    console.print(f"wrote {path} ({path.stat().st_size / 2**20:,.1f} MiB): the text decoder, tokenizer and chat "
+                  "template; llama.cpp runs it as it is")
     return 0
 
 

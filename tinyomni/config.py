@@ -43,6 +43,17 @@ class VisionConfig:
     # Xiao et al. 2021, "Early convolutions help transformers see better"): one 3x3 stride-2
     # conv + BatchNorm + GELU per entry, so 2**len == patch_size. Empty for SigLIP/CLIP/InternViT.
     conv_stem: tuple[int, ...] = ()
+    # Which hidden state the projector reads (InternVL's vision_feature_layer / select_layer): -1 the
+    # last block's output after the final norm; otherwise transformers' hidden_states index (0 the
+    # embeddings, k the output of block k, negative counted from the end), without the final norm.
+    feature_layer: int = -1
+    # Several hidden states concatenated along the channels (LLaVA's list vision_feature_layer), each a
+    # hidden_states index as above, never with the final norm; empty: feature_layer alone.
+    feature_layers: tuple[int, ...] = ()
+    # Which of the tower's tokens the projector reads: "patches" drops the CLS token when the tower has
+    # one (InternVL, and LLaVA's "default" on CLIP); "full" keeps every token (LLaVA's "full");
+    # "drop_first" drops the first token whatever it is (LLaVA's "default" on a tower without CLS).
+    feature_select: str = "patches"
 
     @property
     def grid_size(self) -> int:
@@ -62,6 +73,23 @@ class VisionConfig:
                  f"vision.conv_stem has {len(self.conv_stem)} stride-2 convs, which make patches of "
                  f"{2 ** len(self.conv_stem)} px, not patch_size {self.patch_size}")
         _require(all(c > 0 for c in self.conv_stem), "vision.conv_stem channels must be positive")
+        for layer in (self.feature_layer, *self.feature_layers):
+            _require(-self.num_hidden_layers - 1 <= layer <= self.num_hidden_layers,
+                     f"vision.feature_layer must be in [-{self.num_hidden_layers + 1}, {self.num_hidden_layers}] "
+                     f"for {self.num_hidden_layers} layers, got {layer}")
+        _require(self.feature_select in FEATURE_SELECT,
+                 f"vision.feature_select must be one of {', '.join(FEATURE_SELECT)}, got {self.feature_select!r}")
+
+    @property
+    def num_feature_tokens(self) -> int:
+        """Tokens per tile the projector reads (before any pixel shuffle), by feature_select."""
+        prefix = 1 if self.use_cls_token else 0
+        kept = {"patches": 0, "full": prefix, "drop_first": prefix - 1}[self.feature_select]
+        return self.num_patches + kept
+
+    @property
+    def num_feature_layers(self) -> int:
+        return len(self.feature_layers) or 1
 
 
 @dataclass
@@ -88,13 +116,16 @@ class AudioConfig:
 
 @dataclass
 class ProjectorConfig:
-    """LayerNorm → Linear → GELU → Linear from an encoder's (shuffled) features to the decoder width."""
+    """LayerNorm → Linear → activation (GELU) → Linear from an encoder's (shuffled) features to the decoder width."""
 
     downsample_ratio: float = 0.5  # pixel shuffle; 0.5 keeps a quarter of the tokens (vision only)
     hidden_size: int | None = None  # None: the decoder's hidden size
+    hidden_act: str = "gelu"  # between the two linears (InternVL's projector_hidden_act)
+    layer_norm: bool = True  # InternVL normalises the input first; LLaVA's projector has no LayerNorm
 
     def validate(self) -> None:
         _require(0 < self.downsample_ratio <= 1, "projector.downsample_ratio must be in (0, 1]")
+        _require(self.hidden_act in ACTIVATIONS, f"projector.hidden_act must be one of {sorted(ACTIVATIONS)}")
         _require(round(1 / self.downsample_ratio) == 1 / self.downsample_ratio,
                  "projector.downsample_ratio must be 1/k for an integer k")
 
@@ -156,6 +187,23 @@ class OmniConfig:
     min_tiles: int = 1
     max_tiles: int = 6
     use_thumbnail: bool = True
+    # "Image-k: " before each image of a conversation with several (InternVL's own convention); the
+    # transformers InternVL processor adds none, so checkpoints imported in that layout say False.
+    number_images: bool = True
+    # <img> … </img> around each image's <IMG_CONTEXT> run (InternVL); LLaVA writes the run bare.
+    image_wrap: bool = True
+    # True: the chat template writes image_context_token once for each image part it is given (as
+    # transformers' processors expect, e.g. LLaVA's "<image>\n", images first), and each occurrence
+    # becomes the next image's run. False: the template sees each message's content as one string and
+    # images sit where they are in the content, each followed by a newline.
+    images_in_template: bool = False
+    # How an image becomes tiles: "tiles" (InternVL's dynamic resolution, min_tiles..max_tiles) or
+    # "shortest_edge" (CLIP's processor: resize the shorter side to image_shortest_edge, keeping the
+    # aspect ratio, then centre-crop one tile). image_pad_to_square first pads the image to a square with
+    # the mean colour, centred (LLaVA's "pad" aspect mode).
+    image_resize: str = "tiles"
+    image_shortest_edge: int | None = None  # None: the tile size
+    image_pad_to_square: bool = False
     video_frames: int = 8
     # Where the decoder weights come from when this checkpoint does not store them (e.g. "smollm2").
     base_decoder: str | None = None
@@ -166,7 +214,7 @@ class OmniConfig:
         if self.vision is None:
             return 0
         r = self.vision_projector.downsample_ratio
-        return int(self.vision.num_patches * r * r)
+        return int(self.vision.num_feature_tokens * r * r)
 
     def validate(self) -> None:
         self.decoder.validate()
@@ -175,6 +223,16 @@ class OmniConfig:
             self.vision_projector.validate()
             side = self.vision.grid_size * self.vision_projector.downsample_ratio
             _require(side == int(side), "vision grid size times projector.downsample_ratio must be an integer")
+            _require(self.vision.num_feature_tokens == self.vision.num_patches
+                     or self.vision_projector.downsample_ratio == 1,
+                     "pixel shuffle needs the patch grid: with vision.feature_select "
+                     f"{self.vision.feature_select!r} projector.downsample_ratio must be 1")
+        _require(self.image_resize in IMAGE_RESIZE,
+                 f"image_resize must be one of {', '.join(IMAGE_RESIZE)}, got {self.image_resize!r}")
+        _require(self.image_resize == "tiles" or self.min_tiles == self.max_tiles == 1,
+                 f"image_resize {self.image_resize!r} makes one tile per image: min_tiles and max_tiles must be 1")
+        _require(self.image_shortest_edge is None or self.image_shortest_edge > 0,
+                 "image_shortest_edge must be positive")
         if self.audio is not None:
             self.audio.validate()
         _require(1 <= self.min_tiles <= self.max_tiles, "min_tiles must be >= 1 and <= max_tiles")
@@ -220,6 +278,8 @@ class OmniConfig:
             raise ConfigError(f"{path}: {e}") from None
 
 
+FEATURE_SELECT = ("patches", "full", "drop_first")
+IMAGE_RESIZE = ("tiles", "shortest_edge")
 ACTIVATIONS = {"gelu", "gelu_pytorch_tanh", "gelu_new", "quick_gelu", "silu", "relu"}
 
 

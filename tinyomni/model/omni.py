@@ -32,12 +32,15 @@ class OmniModel(nn.Module):
         if config.vision is not None:
             r = config.vision_projector.downsample_ratio
             self.vision_tower = VisionEncoder(config.vision)
+            width = config.vision.hidden_size * config.vision.num_feature_layers  # layers concatenated
             self.multi_modal_projector = MultiModalProjector(
-                int(config.vision.hidden_size / (r * r)), dec.hidden_size, config.vision_projector.hidden_size)
+                int(width / (r * r)), dec.hidden_size, config.vision_projector.hidden_size,
+                hidden_act=config.vision_projector.hidden_act, layer_norm=config.vision_projector.layer_norm)
         if config.audio is not None:
             self.audio_tower = AudioEncoder(config.audio)
             self.audio_projector = MultiModalProjector(
-                config.audio.d_model, dec.hidden_size, config.audio_projector.hidden_size)
+                config.audio.d_model, dec.hidden_size, config.audio_projector.hidden_size,
+                hidden_act=config.audio_projector.hidden_act)
         # Set from the tokenizer when a model is loaded (see api.Model); -1 matches no token.
         self.image_token_id = -1
         self.audio_token_id = -1
@@ -49,12 +52,16 @@ class OmniModel(nn.Module):
             raise InputError("this model has no vision encoder")
         weight = self.vision_tower.embeddings.patch_embedding.weight
         features = self.vision_tower(pixel_values.to(weight.dtype))
-        if self.config.vision.use_cls_token:
+        select = self.config.vision.feature_select
+        if (select == "patches" and self.config.vision.use_cls_token) or select == "drop_first":
             features = features[:, 1:]
-        n, p, c = features.shape
-        side = int(p**0.5)
-        features = pixel_shuffle(features.reshape(n, side, side, c), self.config.vision_projector.downsample_ratio)
-        return self.multi_modal_projector(features.reshape(n, -1, features.shape[-1]))
+        ratio = self.config.vision_projector.downsample_ratio
+        if ratio != 1:  # pixel shuffle needs the square patch grid (config.validate keeps it so)
+            n, p, c = features.shape
+            side = int(p**0.5)
+            features = pixel_shuffle(features.reshape(n, side, side, c), ratio)
+            features = features.reshape(n, -1, features.shape[-1])
+        return self.multi_modal_projector(features)
 
     def encode_audio(self, features: Tensor) -> Tensor:
         """One clip's log-mel [n_mels, frames] → [tokens, decoder_hidden]."""

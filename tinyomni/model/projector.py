@@ -8,10 +8,10 @@ transformers' `InternVLMultiModalProjector` names, so InternVL projector weights
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tinyomni.errors import InputError
+from tinyomni.model.activations import get_activation
 
 
 def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:
@@ -40,7 +40,8 @@ def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:
 
 
 class MultiModalProjector(nn.Module):
-    """LayerNorm(in) → Linear(in, hidden) → GELU → Linear(hidden, out); hidden defaults to out."""
+    """LayerNorm(in) (optional) → Linear(in, hidden) → activation (GELU) → Linear(hidden, out); hidden
+    defaults to out."""
 
     def __init__(
         self,
@@ -48,12 +49,16 @@ class MultiModalProjector(nn.Module):
         out_features: int,
         hidden_features: int | None = None,
         layer_norm_eps: float = 1e-5,
+        hidden_act: str = "gelu",
+        layer_norm: bool = True,
     ) -> None:
         super().__init__()
         hidden_features = hidden_features or out_features
-        self.layer_norm = nn.LayerNorm(in_features, eps=layer_norm_eps)
+        # LLaVA's projector has no LayerNorm (then there is no `layer_norm` parameter to load).
+        self.layer_norm: nn.Module = nn.LayerNorm(in_features, eps=layer_norm_eps) if layer_norm else nn.Identity()
         self.linear_1 = nn.Linear(in_features, hidden_features)
         self.linear_2 = nn.Linear(hidden_features, out_features)
+        self.act = get_activation(hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.gelu(self.linear_1(self.layer_norm(x))))
+        return self.linear_2(self.act(self.linear_1(self.layer_norm(x))))

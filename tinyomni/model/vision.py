@@ -183,8 +183,9 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(VisionEncoderLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
+    def forward(self, x: torch.Tensor, num_layers: int | None = None) -> torch.Tensor:
+        """Run the first `num_layers` blocks (all when None)."""
+        for layer in self.layers[:num_layers]:
             x = layer(x)
         return x
 
@@ -243,7 +244,23 @@ class VisionEncoder(nn.Module):
         x = self.embeddings(pixel_values)
         if self.pre_layernorm is not None:
             x = self.pre_layernorm(x)
+        if self.config.feature_layers:  # several hidden states, concatenated along the channels
+            return self._hidden_states(x, self.config.feature_layers)
+        layer = self.config.feature_layer
+        if layer != -1:  # an earlier hidden state (config.feature_layer), read before the final norm
+            return self.encoder(x, layer % (self.config.num_hidden_layers + 1))
         x = self.encoder(x)
         if self.post_layernorm is not None:
             x = self.post_layernorm(x)
         return x
+
+    def _hidden_states(self, x: torch.Tensor, layers: tuple[int, ...]) -> torch.Tensor:
+        """transformers' hidden_states[k] for each k in `layers` (0 the embeddings, k after block k),
+        concatenated in that order; the blocks past the deepest one asked for are not run."""
+        total = self.config.num_hidden_layers + 1
+        wanted = [k % total for k in layers]
+        states = {0: x}
+        for i, layer in enumerate(self.encoder.layers[:max(wanted)], start=1):
+            x = layer(x)
+            states[i] = x
+        return torch.cat([states[k] for k in wanted], dim=-1)

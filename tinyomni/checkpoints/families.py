@@ -1,0 +1,129 @@
+"""Which importer reads a Hugging Face directory: one explicit table from config.json's `architectures`.
+
+A transformers checkpoint says what it is in `config.json` (`"architectures": ["Qwen2ForCausalLM"]`);
+`ARCHITECTURES` maps that exact name to its family. Nothing is guessed from a path or a substring: an
+architecture not in the table is a CheckpointError naming it and listing the supported ones, never
+a partial load (a VLM read as its text decoder alone, with random encoders, answers garbage).
+
+Two kinds of family:
+- a text decoder (Llama, Qwen2, Mistral): `read` is None, and the caller builds an omni model around
+  it (`tinyomni.api.from_base_decoder`, fresh encoders);
+- a whole multimodal model (InternVL): `read(directory)` returns an `Imported` checkpoint, everything
+  in our names, ready to load into an `OmniModel`.
+
+Adding a family is one file in this package and one line here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tinyomni.config import OmniConfig
+from tinyomni.errors import CheckpointError
+from tinyomni.processing.tokenizer import Tokenizer
+
+
+@dataclass
+class Imported:
+    """A foreign checkpoint in our terms: config, weights under our names, tokenizer and chat template.
+
+    `state` holds every tensor of the model except `language_model.lm_head.weight` when the decoder's
+    embeddings are tied.
+    """
+
+    config: OmniConfig
+    state: dict[str, torch.Tensor]
+    tokenizer: Tokenizer
+    chat_template: str | None
+
+
+@dataclass(frozen=True)
+class Family:
+    """One importer: its name and how it reads a directory (None: a text decoder, see module doc)."""
+
+    name: str
+    read: Callable[[Path], Imported] | None = None
+
+
+def _read_internvl_hf(path: Path) -> Imported:
+    from tinyomni.checkpoints import internvl
+
+    return internvl.read_internvl_hf(path)
+
+
+def _read_internvl_chat(path: Path) -> Imported:
+    from tinyomni.checkpoints import internvl
+
+    return internvl.read_internvl_chat(path)
+
+
+def _read_llava(path: Path) -> Imported:
+    from tinyomni.checkpoints import llava
+
+    return llava.read_llava(path)
+
+
+DECODER = Family("decoder")
+INTERNVL_HF = Family("internvl", _read_internvl_hf)
+INTERNVL_CHAT = Family("internvl-original", _read_internvl_chat)
+LLAVA = Family("llava", _read_llava)
+
+# config.json "architectures" entry → family. Exact names only.
+ARCHITECTURES: dict[str, Family] = {
+    "LlamaForCausalLM": DECODER,
+    "Qwen2ForCausalLM": DECODER,
+    "MistralForCausalLM": DECODER,
+    "InternVLForConditionalGeneration": INTERNVL_HF,  # the transformers-native "-hf" InternVL2.5 / InternVL3
+    "InternVLChatModel": INTERNVL_CHAT,  # OpenGVLab's original layout (trust_remote_code)
+    "LlavaForConditionalGeneration": LLAVA,  # LLaVA-1.5 "-hf", TinyLLaVA "-hf" (CLIP/SigLIP + Llama/Qwen2)
+}
+# Only for a config.json without "architectures" (hand-written or very old): its model_type.
+MODEL_TYPES: dict[str, Family] = {
+    "llama": DECODER,
+    "qwen2": DECODER,
+    "mistral": DECODER,
+    "internvl": INTERNVL_HF,
+    "internvl_chat": INTERNVL_CHAT,
+    "llava": LLAVA,
+}
+
+
+def read_hf_config(path: Path) -> dict[str, Any]:
+    """config.json of a directory as a dict, or a CheckpointError saying what is wrong with it."""
+    file = path / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"no config.json in {path}")
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file} is unreadable: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} must hold a JSON object")
+    return data
+
+
+def family_for(path: str | Path) -> tuple[str, Family]:
+    """(architecture, family) for a Hugging Face directory, or a CheckpointError naming what we support."""
+    path = Path(path)
+    hf = read_hf_config(path)
+    architectures = hf.get("architectures")
+    supported = ", ".join(ARCHITECTURES)
+    if architectures:
+        if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+            raise CheckpointError(f"{path / 'config.json'}: 'architectures' must be a list of names")
+        known = [a for a in architectures if a in ARCHITECTURES]
+        if not known:
+            raise CheckpointError(f"{path}: architecture {', '.join(architectures)} is not supported; "
+                                  f"supported architectures: {supported}")
+        return known[0], ARCHITECTURES[known[0]]
+    model_type = hf.get("model_type")
+    if model_type in MODEL_TYPES:
+        return str(model_type), MODEL_TYPES[model_type]
+    raise CheckpointError(f"{path / 'config.json'} names no architecture (model_type {model_type!r}); "
+                          f"supported architectures: {supported}")
