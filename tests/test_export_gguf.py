@@ -109,3 +109,19 @@ def test_export_command(tmp_path):
     model.save(tmp_path / "ckpt")
     assert main(["export", str(tmp_path / "ckpt"), "--to", "gguf", "--out", str(tmp_path / "x.gguf")]) == 0
     assert load_gguf(tmp_path / "x.gguf")[0].vocab_size == model.config.decoder.vocab_size
+
+
+def test_an_unmerged_adapter_is_exported_merged(tmp_path):
+    from tinyomni.model import lora
+
+    model = variant()
+    lora.apply_lora(model.model, lora.LoraConfig(r=2, alpha=4, targets=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    want = lora.merged_state_dict(model.model.language_model)
+    _, state, _ = load_gguf(export_gguf(model, tmp_path / "m.gguf", "f32"))
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        assert torch.equal(state[name], want[name])
+        assert not torch.equal(state[name], model.model.language_model.state_dict()[name])  # base weight alone differs

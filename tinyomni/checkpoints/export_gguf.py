@@ -21,6 +21,7 @@ import torch
 
 from tinyomni.checkpoints.gguf import GLOBAL_NAMES, LAYER_NAMES, SUPPORTED_ARCHITECTURES
 from tinyomni.errors import InputError
+from tinyomni.model import lora
 
 if TYPE_CHECKING:
     from tinyomni.api import Model
@@ -85,7 +86,8 @@ def gguf_tensors(model: Model) -> dict[str, torch.Tensor]:
     ours_to_gguf = {v: k for k, v in GLOBAL_NAMES.items()}
     layer_names = {v: k for k, v in LAYER_NAMES.items()}
     out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.model.language_model.state_dict().items():
+    # An adapter still held as LoRA layers (a model mid-training) is merged: the file is what it computes.
+    for name, tensor in lora.merged_state_dict(model.model.language_model).items():
         tensor = tensor.detach().float().cpu()
         if name in ours_to_gguf:
             if name == "lm_head.weight" and config.tie_word_embeddings:

@@ -80,7 +80,7 @@ def export_hf(model: Model, out_dir: str | Path, text_only: bool = False, weight
         raise InputError(f"{model.name} cannot be written as {what}: {'; '.join(problems)}{hint}")
     for line in export_notes(config, text_only):
         note(line)
-    state = merged_state(model)
+    state = lora.merged_state_dict(model.model)
     cast = None if weights_dtype is None else WEIGHT_TYPES[weights_dtype]
     stored = str(cast or next(iter(state.values())).dtype).replace("torch.", "")
     if text_only:
@@ -167,14 +167,6 @@ def export_notes(config: OmniConfig, text_only: bool) -> list[str]:
 
 
 # --- weights -------------------------------------------------------------------------------------------
-def merged_state(model: Model) -> dict[str, torch.Tensor]:
-    """The model's tensors with every LoRA adapter merged into its weight (the network as it computes)."""
-    state = model.model.state_dict()
-    for name, layer in lora.lora_modules(model.model).items():
-        state[f"{name}.weight"] = layer.merged().weight.detach()
-    return {k: v for k, v in state.items() if not lora.is_lora_key(k)}
-
-
 def internvl_weights(state: dict[str, torch.Tensor], config: OmniConfig) -> dict[str, torch.Tensor]:
     """Our tensors under the -hf names; the audio parts and a tied head left out, layer scales of ones
     written for a tower without them (InternViT always multiplies by its lambdas)."""

@@ -108,6 +108,15 @@ def merge_lora(model: nn.Module) -> int:
     return len(layers)
 
 
+def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """`model`'s tensors with every LoRA adapter merged into its weight: the network as it computes,
+    under the base names (what an exporter writes), without changing the model."""
+    state = model.state_dict()
+    for name, layer in lora_modules(model).items():
+        state[f"{name}.weight"] = layer.merged().weight.detach()
+    return {k: v for k, v in state.items() if not is_lora_key(k)}
+
+
 def is_lora_key(key: str) -> bool:
     return ".lora_A." in key or ".lora_B." in key
 
