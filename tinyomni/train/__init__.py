@@ -1,5 +1,6 @@
 """Training: recipes (TOML/YAML), contrastive encoder pretraining, alignment and instruction tuning
-(full or LoRA), checkpoints that resume exactly, logs, curves, evaluation, and DDP under torchrun.
+(full or LoRA), preference alignment (DPO, MPO's mixture), checkpoints that resume exactly, logs,
+curves, evaluation, and DDP or FSDP under torchrun.
 
     from tinyomni.train import load_recipe, train
     result = train(load_recipe("recipes/toy.toml"))     # tinyomni train recipes/toy.toml

@@ -4,6 +4,7 @@
     tinyomni train recipes/tinyomni-world.toml --resume
     tinyomni train recipes/toy.toml --set run.out=runs/try2 --set stages.0.steps=50
     torchrun --nproc_per_node 2 -m tinyomni.train.cli recipes/toy.toml     # DDP, 2 processes
+    torchrun --nproc_per_node 2 -m tinyomni.train.cli recipes/toy-dpo.toml --set run.distributed=fsdp
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="train a model from a recipe (TOML/YAML); DDP under torchrun")
+    p = subparsers.add_parser("train", help="train a model from a recipe (TOML/YAML); DDP or FSDP under torchrun")
     add_arguments(p)
     p.set_defaults(func=run)
 

@@ -11,7 +11,8 @@ split the work without talking:
   little, and the order is still a function of the step.
 
 Examples are built by the same processing inference uses: `ChatProcessor.training_example` for
-chat (sft) stages, the image/audio front ends for contrastive pairs.
+chat (sft) stages and for both answers of a preference (dpo) record, the image/audio front ends for
+contrastive pairs.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch import Tensor
 from tinyomni.errors import ConfigError, InputError
 from tinyomni.processing.chat import ChatProcessor
 from tinyomni.processing.tokenizer import Tokenizer
-from tinyomni.train.recipe import DataSpec, StageSpec
+from tinyomni.train.recipe import CHAT_KINDS, DataSpec, StageSpec
 
 IGNORE = -100
 
@@ -126,6 +127,84 @@ def chat_example(processor: ChatProcessor, stage: StageSpec) -> Callable[[int, d
     return make
 
 
+@dataclass
+class PreferenceExample:
+    """One preference record: the same prompt (and media) answered twice, each a ChatExample whose
+    labels cover only its final answer."""
+
+    index: int
+    chosen: ChatExample
+    rejected: ChatExample
+
+    @property
+    def length(self) -> int:
+        return max(self.chosen.length, self.rejected.length)
+
+
+def preference_messages(record: dict[str, Any], root: Path | None) -> tuple[list[dict], list[dict], list[dict]]:
+    """(prompt, chosen, rejected) messages of a preference record, TRL's fields: `prompt` (a string or
+    chat messages with any media, OpenAI style; `messages` is accepted too), `chosen` and `rejected`
+    (a string or a list of assistant messages)."""
+    where = record.get("id", "record")
+    prompt = record.get("prompt", record.get("messages"))
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt:
+        raise InputError(f"{where}: a preference record needs a `prompt` (a string or a list of messages)")
+    answers = []
+    for key in ("chosen", "rejected"):
+        answer = record.get(key)
+        if isinstance(answer, str):
+            answer = [{"role": "assistant", "content": answer}]
+        if not isinstance(answer, list) or not answer or answer[-1].get("role") != "assistant":
+            raise InputError(f"{where}: `{key}` must be a string or a list of messages ending with the assistant's")
+        answers.append(record_messages({"messages": answer}, root))
+    return record_messages({"messages": prompt}, root), answers[0], answers[1]
+
+
+def last_turn_only(labels: list[int]) -> list[int]:
+    """Labels with every target run but the last set to IGNORE: a preference compares the final answers,
+    not assistant turns the prompt may hold. Each run is one assistant turn (content + end-of-turn token);
+    template text (role headers) always separates two turns."""
+    end = max(i for i, t in enumerate(labels) if t != IGNORE) + 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE:
+        start -= 1
+    return [IGNORE] * start + labels[start:end] + [IGNORE] * (len(labels) - end)
+
+
+def world_preference(record: dict[str, Any], seed: str) -> dict[str, Any]:
+    """A preference record from a world record with a closed answer set (`candidates`, or `choices`):
+    chosen = its answer, rejected = another answer from that set, drawn with `seed`. Model-free pairs,
+    for a toy run; `tinyomni world preferences` makes pairs from a model's own mistakes instead."""
+    from tinyomni.world.generator import messages
+
+    choices, candidates = record.get("choices"), record.get("candidates")
+    options = list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"[: len(choices)]) if choices else candidates
+    others = [o for o in options or [] if o not in record["answers"]]
+    if not others:
+        raise InputError(f"{record.get('id')}: a dpo stage on world data needs skills with a closed answer set "
+                         "(color, shape, count, exists, relation, ...); use data.jsonl with preference records")
+    return {"id": record.get("id"), "prompt": messages(record, with_answer=False), "chosen": record["answers"][0],
+            "rejected": random.Random(seed).choice(others)}
+
+
+def preference_example(processor: ChatProcessor, stage: StageSpec) -> Callable[[int, dict, Path | None],
+                                                                              PreferenceExample]:
+    def make(index: int, record: dict[str, Any], root: Path | None) -> PreferenceExample:
+        if "chosen" not in record and "answers" in record:  # a world (task) record
+            record = world_preference(record, f"tinyomni-preference/{stage.data.seed}/{stage.name}/{index}")
+        prompt, chosen, rejected = preference_messages(record, root)
+        pair = []
+        for answer in (chosen, rejected):  # the media are processed for each (simple; twice the work)
+            encoded, labels = processor.training_example(prompt + answer, max_tiles=stage.max_tiles)
+            pair.append(ChatExample(index, encoded.input_ids, last_turn_only(labels), encoded.pixel_values,
+                                    encoded.audio_features))
+        return PreferenceExample(index, *pair)
+
+    return make
+
+
 def extra_turns(record: dict[str, Any], k: int, split: str, seed: str) -> list[dict[str, Any]]:
     """Up to `k` more user/assistant turns about a world record's single scene of shapes (none for
     other records): the picture is encoded once and answers several questions."""
@@ -157,11 +236,18 @@ def record_messages(record: dict[str, Any], root: Path | None) -> list[dict[str,
 
 
 def _resolve_part(part: Any, root: Path) -> Any:
+    def resolve(value: Any) -> Any:
+        if isinstance(value, str) and not value.startswith("data:") and not Path(value).is_absolute():
+            return str(root / value)
+        return value
+
     if isinstance(part, dict):
         for key in ("image", "video", "audio"):
             value = part.get(key)
-            if isinstance(value, str) and not value.startswith("data:") and not Path(value).is_absolute():
-                return {**part, key: str(root / value)}
+            if isinstance(value, list):  # a video as its frames
+                return {**part, key: [resolve(v) for v in value]}
+            if value is not None:
+                return {**part, key: resolve(value)}
     return part
 
 
@@ -306,6 +392,26 @@ def collate_chat(examples: list[ChatExample], pad_id: int) -> ChatBatch:
                      [a for e in examples for a in e.audio_features], len(examples), [e.index for e in examples])
 
 
+@dataclass
+class PreferenceBatch:
+    """B preference pairs as one chat batch of 2B rows: the chosen answers, then the rejected ones
+    (TRL's layout), so one forward scores both."""
+
+    chat: ChatBatch
+    samples: int
+    indices: list[int] = field(default_factory=list)
+
+    @property
+    def chosen_tokens(self) -> int:
+        """Target tokens of the chosen answers (the SFT term's normaliser)."""
+        return int((self.chat.labels[: self.samples, 1:] != IGNORE).sum())
+
+
+def collate_preferences(examples: list[PreferenceExample], pad_id: int) -> PreferenceBatch:
+    chat = collate_chat([e.chosen for e in examples] + [e.rejected for e in examples], pad_id)
+    return PreferenceBatch(chat, len(examples), [e.index for e in examples])
+
+
 def collate_pairs(examples: list[PairExample], pad_id: int) -> PairBatch:
     rows = [e.text_ids for e in examples] + [ids for e in examples for ids in e.negative_ids]
     texts = [e.text for e in examples] + [t for e in examples for t in e.negatives]
@@ -345,7 +451,7 @@ class StageBatches(torch.utils.data.IterableDataset):
         self.rank, self.world, self.start_step = rank, world, start_step
         self.local = stage.batch_size // world
         self.micro = micro_batch_size or self.local
-        self.collate = collate_pairs if stage.kind == "contrastive" else collate_chat
+        self.collate = {"contrastive": collate_pairs, "dpo": collate_preferences}.get(stage.kind, collate_chat)
         self._window: tuple[int, list[list[Any]], int] | None = None
 
     def local_examples(self, step: int) -> tuple[list[Any], int]:
@@ -363,7 +469,7 @@ class StageBatches(torch.utils.data.IterableDataset):
         examples, dropped = [], 0
         for j in indices:
             e = self.make(j, *self.source(j))
-            if self.stage.kind == "sft" and e.length > self.stage.max_length:
+            if self.stage.kind in CHAT_KINDS and e.length > self.stage.max_length:
                 dropped += 1
                 continue
             examples.append(e)

@@ -10,7 +10,7 @@
     [[stages]]                   # run in order; each names its kind, data, what trains, and its optimiser
     name = "vision-pretrain"
     kind = "contrastive"         # or "sft" (alignment and instruction tuning: loss on assistant tokens)
-    ...
+    ...                          # or "dpo" (preference alignment on chosen/rejected answers)
 
 Every field has a default (see the dataclasses below); unknown fields are errors, so a typo never
 silently trains the wrong thing. `load_recipe(path, overrides=["stages.0.steps=10"])` changes fields
@@ -34,7 +34,8 @@ else:  # the same parser, before it joined the standard library
 from tinyomni.errors import ConfigError
 from tinyomni.model.lora import LoraConfig
 
-STAGE_KINDS = ("contrastive", "sft")
+STAGE_KINDS = ("contrastive", "sft", "dpo")
+CHAT_KINDS = ("sft", "dpo")  # stages whose forward is the omni model on chat examples
 
 
 @dataclass
@@ -54,7 +55,9 @@ class DataSpec:
     split: str = "train"
     seed: int = 0
     difficulty: dict[str, Any] = field(default_factory=dict)  # Difficulty knobs for every skill
-    jsonl: str | None = None  # a task/world JSONL instead of the world (cycled, reshuffled every epoch)
+    # A task/world JSONL instead of the world (cycled, reshuffled every epoch); for a dpo stage, preference
+    # records (prompt, chosen, rejected; `tinyomni world preferences` makes them from a model's mistakes).
+    jsonl: str | None = None
     # Chat stages: up to this many more questions about the same picture, as further turns, for world
     # records of a single scene of shapes (colour, shape, count, presence; see world.skills.scene_questions).
     extra_questions: int = 0
@@ -74,6 +77,26 @@ class TextTowerSpec:
     heads: int = 4
     max_length: int = 48
     embed_dim: int = 256  # the shared image-text embedding width
+
+
+@dataclass
+class PreferenceSpec:
+    """The loss of a `dpo` stage: DPO (Rafailov et al. 2023) against the stage's frozen starting point,
+    optionally mixed, as MPO does (Wang et al. 2024, InternVL2-MPO: dpo 0.8, quality 0.2, sft 1.0), with
+    a quality term and SFT on the chosen answers. Each term is TRL's of the same name: sigmoid, bco_pair, sft."""
+
+    beta: float = 0.1  # how far the policy may move from the reference (larger: less)
+    # e, the share of preference labels assumed flipped. With loss = "sigmoid", conservative DPO (cDPO;
+    # TRL's label_smoothing with loss_type "sigmoid" before TRL 1.0): -(1-e)·logσ(βΔ) - e·logσ(-βΔ).
+    # With loss = "robust", robust DPO (Chowdhury et al. 2024; TRL's "robust"), unbiased under such
+    # flips: (-(1-e)·logσ(βΔ) + e·logσ(-βΔ)) / (1-2e).
+    label_smoothing: float = 0.0
+    loss: str = "sigmoid"  # "sigmoid" (DPO / cDPO) or "robust"
+    dpo_weight: float = 1.0
+    # BCO-style quality term: each answer judged on its own, -logσ(β·r_chosen) - logσ(-β·r_rejected),
+    # r = log-ratio to the reference (TRL's bco_pair, without BCO's running reward shift).
+    quality_weight: float = 0.0
+    sft_weight: float = 0.0  # cross-entropy of the chosen answers, per chosen token
 
 
 @dataclass
@@ -110,6 +133,8 @@ class StageSpec:
     # captions apart most easily (colours). 0 = off.
     tag_loss: float = 0.0
     text_tower: TextTowerSpec = field(default_factory=TextTowerSpec)
+    # dpo only
+    dpo: PreferenceSpec = field(default_factory=PreferenceSpec)
 
     def validate(self, where: str) -> None:
         _require(self.kind in STAGE_KINDS, f"{where}.kind must be one of {STAGE_KINDS}, got {self.kind!r}")
@@ -127,8 +152,17 @@ class StageSpec:
         if self.kind == "contrastive":
             _require(self.data.replay is None and not self.data.extra_questions,
                      f"{where}.data: replay and extra_questions are for chat (sft) stages")
-        if self.kind == "sft":
+        if self.kind in CHAT_KINDS:
             _require(bool(self.train) or self.lora is not None, f"{where}: say what trains (train = [...] or lora)")
+        if self.kind == "dpo":
+            d = self.dpo
+            _require(self.data.replay is None and not self.data.extra_questions,
+                     f"{where}.data: replay and extra_questions are for sft stages")
+            _require(d.beta > 0, f"{where}.dpo.beta must be > 0")
+            _require(d.loss in ("sigmoid", "robust"), f"{where}.dpo.loss must be sigmoid or robust")
+            _require(0.0 <= d.label_smoothing < 0.5, f"{where}.dpo.label_smoothing must be in [0, 0.5)")
+            weights = (d.dpo_weight, d.quality_weight, d.sft_weight)
+            _require(min(weights) >= 0 and max(weights) > 0, f"{where}.dpo: weights must be >= 0, one of them > 0")
 
 
 @dataclass
@@ -142,6 +176,9 @@ class RunSpec:
     workers: int = 0  # DataLoader processes preparing batches ahead (0 = in the training process)
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     lora_export: str = "adapter"  # final model: "adapter" (kept apart, small) or "merged" (into the weights)
+    # Under torchrun: "ddp" (every process holds the whole model) or "fsdp" (fully_shard per decoder layer;
+    # chat stages only; checkpoints saved sharded with torch.distributed.checkpoint).
+    distributed: str = "ddp"
 
 
 @dataclass
@@ -173,6 +210,7 @@ class Recipe:
             stage.validate(f"stages.{i}")
         _require(self.run.autocast in ("bfloat16", "none"), "run.autocast must be bfloat16 or none")
         _require(self.run.lora_export in ("adapter", "merged"), "run.lora_export must be adapter or merged")
+        _require(self.run.distributed in ("ddp", "fsdp"), "run.distributed must be ddp or fsdp")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -215,7 +253,8 @@ def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
         s = dict(s)
         where = f"stages.{i}"
         sub = {"data": _build(DataSpec, s.pop("data", {}), f"{where}.data"),
-               "text_tower": _build(TextTowerSpec, s.pop("text_tower", {}), f"{where}.text_tower")}
+               "text_tower": _build(TextTowerSpec, s.pop("text_tower", {}), f"{where}.text_tower"),
+               "dpo": _build(PreferenceSpec, s.pop("dpo", {}), f"{where}.dpo")}
         lora = s.pop("lora", None)
         sub["lora"] = None if lora is None else _build(LoraConfig, lora, f"{where}.lora")
         if "betas" in s:

@@ -9,15 +9,19 @@ One optimizer step of a stage:
      of such tokens in the whole global batch (all micro-batches, all processes), so gradient
      accumulation and DDP give the gradient of one big batch, whatever the padding or split;
      contrastive stages: the CLIP/SigLIP loss of the batch with negatives from every process;
+     dpo stages: the reference's and the policy's summed answer log-probs, each loss term summed and
+     divided by its global count (pairs, or chosen tokens for the SFT term of MPO's mixture);
   3. gradients are clipped, AdamW steps with per-module learning rates on a warm-up + cosine schedule.
 Checkpoints every `save_every` steps and at every stage end (atomic), a JSONL log, a PNG of the
-curves, periodic evaluation through the eval harness, and DDP when launched by torchrun.
+curves, periodic evaluation through the eval harness, and DDP (or FSDP with `run.distributed =
+"fsdp"`: fully_shard per decoder layer, sharded checkpoints) when launched by torchrun.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -40,14 +44,16 @@ from tinyomni.train.contrastive import ContrastiveModule
 from tinyomni.train.data import (
     IGNORE,
     ChatBatch,
+    PreferenceBatch,
     RecordSource,
     StageBatches,
     chat_example,
     pair_example,
+    preference_example,
     tag_vocabulary,
 )
 from tinyomni.train.plot import plot_curves
-from tinyomni.train.recipe import EvalSpec, Recipe, StageSpec
+from tinyomni.train.recipe import CHAT_KINDS, EvalSpec, PreferenceSpec, Recipe, StageSpec
 
 LOG_FILE, PLOT_FILE, MODEL_DIR = "log.jsonl", "curves.png", "model"
 
@@ -75,23 +81,99 @@ def build_model(recipe: Recipe) -> api.Model:
     return model
 
 
-class ChatLoss(nn.Module):
-    """The omni model's forward, with logits only where there are labels (the LM head over the whole
-    sequence would be a large share of the compute for one-word answers). Returns the summed loss."""
+class ChatForward(nn.Module):
+    """The omni model's forward on a chat batch, with logits only where there are labels (the LM head
+    over the whole sequence would be a large share of the compute for one-word answers).
+
+    Returns the summed cross-entropy of the labelled tokens (sft), or with `per_row` each row's summed
+    log-probability of its labelled tokens (what DPO compares). One instance serves every chat stage,
+    so under FSDP it is sharded once, as the root around the per-layer units."""
 
     def __init__(self, omni: nn.Module) -> None:
         super().__init__()
         self.omni = omni
+        # Under FSDP every process must produce a gradient for every trained parameter, or the
+        # reduce-scatters disagree; a batch without images (audio) touches these with a zero term.
+        # Names, not tensors: inside the forward FSDP has put the gathered parameters in their place.
+        self.touch: dict[str, list[str]] = {}
 
-    def forward(self, batch: ChatBatch) -> Tensor:
+    def forward(self, batch: ChatBatch, per_row: bool = False) -> Tensor:
         omni = self.omni
         embeds = omni.embed(batch.input_ids, batch.pixel_values, batch.audio_features or None)
         # Right padding under a causal mask: real tokens never see the pads, so no mask is needed.
         hidden = omni.language_model.hidden_states(embeds)
         targets = batch.labels[:, 1:]
         keep = targets != IGNORE
-        logits = omni.language_model.lm_head(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        logits = omni.language_model.lm_head(hidden[:, :-1][keep]).float()
+        zero = self._untouched(batch)
+        if not per_row:
+            return F.cross_entropy(logits, targets[keep], reduction="sum") + zero
+        token_logps = -F.cross_entropy(logits, targets[keep], reduction="none")
+        rows = keep.nonzero()[:, 0]
+        sums = torch.zeros(targets.shape[0], dtype=token_logps.dtype, device=token_logps.device)
+        return sums.index_add(0, rows, token_logps) + zero
+
+    def _untouched(self, batch: ChatBatch) -> Tensor | float:
+        absent = {"vision": batch.pixel_values is None, "audio": not batch.audio_features}
+        unused = [n for kind, names in self.touch.items() if absent[kind] for n in names]
+        if not unused or not torch.is_grad_enabled():
+            return 0.0
+        return sum(self.omni.get_parameter(n).sum() for n in unused) * 0.0
+
+
+def preference_losses(policy: Tensor, reference: Tensor, spec: PreferenceSpec) -> dict[str, Tensor]:
+    """The terms of a dpo stage for B pairs, from the summed answer log-probs of the policy and of the
+    reference, each [2B]: the chosen rows, then the rejected ones. Returns per pair `dpo` and `quality`
+    losses and `margin` (β·Δ, the implicit reward margin), and `nll`, the chosen answers' summed
+    cross-entropy. The formulas are TRL's (loss_type "sigmoid", "robust", "bco_pair", "sft")."""
+    chosen, rejected = policy.float().chunk(2)
+    ref_chosen, ref_rejected = reference.float().chunk(2)
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+    logits = spec.beta * (chosen_ratio - rejected_ratio)
+    e = spec.label_smoothing
+    if spec.loss == "sigmoid":  # DPO; with e > 0, conservative DPO
+        dpo = -(1 - e) * F.logsigmoid(logits) - e * F.logsigmoid(-logits)
+    else:  # robust DPO: unbiased under labels flipped with probability e
+        dpo = (-(1 - e) * F.logsigmoid(logits) + e * F.logsigmoid(-logits)) / (1 - 2 * e)
+    quality = -F.logsigmoid(spec.beta * chosen_ratio) - F.logsigmoid(-spec.beta * rejected_ratio)
+    return {"dpo": dpo, "quality": quality, "margin": logits.detach(), "nll": -chosen.sum()}
+
+
+class Reference:
+    """The frozen starting point of a dpo stage, without a second model in memory. LoRA adapters the
+    stage itself created start at exactly zero, so the reference forward switches them off (TRL does
+    the same with peft); whatever else the stage trains (adapters of an earlier stage, modules in
+    `train`) is copied at the stage's start, and the copy is swapped in for the reference forward.
+    The reference runs in eval mode: no dropout, BatchNorm statistics untouched."""
+
+    def __init__(self, omni: nn.Module, fresh_lora: list[str], copies: dict[str, Tensor]) -> None:
+        self.omni, self.fresh, self.copies = omni, fresh_lora, copies
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        omni = self.omni
+        params = dict(omni.named_parameters())
+        layers = [omni.get_submodule(name) for name in self.fresh]
+        with torch.no_grad():
+            current = {name: params[name].detach().clone() for name in self.copies}
+            for name, value in self.copies.items():
+                params[name].copy_(value)  # in place: under FSDP the shard is what gets all-gathered
+        for layer in layers:
+            layer.forward = functools.partial(_base_linear, layer)
+        omni.eval()
+        try:
+            yield
+        finally:
+            for layer in layers:
+                del layer.forward
+            with torch.no_grad():
+                for name, value in current.items():
+                    params[name].copy_(value)
+            train_mode(omni)
+
+
+def _base_linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    return F.linear(x, layer.weight, layer.bias)
 
 
 def train_mode(module: nn.Module) -> None:
@@ -103,17 +185,21 @@ def train_mode(module: nn.Module) -> None:
             sub.eval()
 
 
-def set_trainable(omni: nn.Module, stage: StageSpec) -> list[str]:
-    """Freeze everything, then unfreeze the stage's modules and LoRA adapters; returns the names."""
+def set_trainable(omni: nn.Module, stage: StageSpec, adapters: set[str] | None = None) -> list[str]:
+    """Freeze everything, then unfreeze the stage's modules and LoRA adapters (those of the layers in
+    `adapters`, when given: under FSDP every stage's adapters exist from the start, and a stage trains
+    only those it or an earlier stage made); returns the names."""
     for p in omni.parameters():
         p.requires_grad_(False)
     names = []
     for name, p in omni.named_parameters():
         prefix_match = any(name.startswith(prefix) for prefix in stage.train)
-        if prefix_match or (stage.lora is not None and is_lora_key(name)):
+        lora = stage.lora is not None and is_lora_key(name) and (
+            adapters is None or name.rsplit(".", 2)[0] in adapters)
+        if prefix_match or lora:
             p.requires_grad_(True)
             names.append(name)
-    if stage.kind == "sft" and not names:
+    if stage.kind in CHAT_KINDS and not names:
         raise ConfigError(f"stage {stage.name!r}: train = {stage.train} matches no parameter")
     return names
 
@@ -216,14 +302,34 @@ class Trainer:
         self.out = Path(recipe.run.out)
         if recipe.run.threads:
             torch.set_num_threads(recipe.run.threads)
+        self.fsdp = recipe.run.distributed == "fsdp" and env.world > 1
         self.model = build_model(recipe)
         self.omni = self.model.model.to(env.device)
-        if recipe.run.autocast == "bfloat16":
+        # FSDP all-gathers each unit's parameters as one flat buffer of one dtype, so under FSDP the
+        # frozen weights stay float32 too (autocast still computes in bf16).
+        if recipe.run.autocast == "bfloat16" and not self.fsdp:
             store_frozen_in_bf16(self.omni, recipe)
         self.trained: set[str] = set()
         self.losses: list[float] = []
         self.global_step = 0
         self._eval_items: list[Any] | None = None
+        self.lora_owner: dict[str, int] = {}  # LoRA layer -> the stage that made it
+        self.chat = ChatForward(self.omni)  # the forward of every chat stage (one module: FSDP shards it once)
+        self.reference: Reference | None = None  # the frozen starting point of the running dpo stage
+        if self.fsdp:
+            self._shard()
+
+    def _shard(self) -> None:
+        """FSDP: every stage's adapters first (seeded as ever, so their starting values are those of a
+        run without FSDP), then one unit per decoder layer and the chat forward as the root."""
+        from torch.distributed.fsdp import fully_shard
+
+        for index, stage in enumerate(self.recipe.stages):
+            if stage.lora is not None:
+                self._apply_lora(index, stage)
+        for layer in self.omni.language_model.model.layers:
+            fully_shard(layer)
+        fully_shard(self.chat)
 
     # --- state -------------------------------------------------------------------------------------
     def _log(self, row: dict[str, Any]) -> None:
@@ -240,28 +346,45 @@ class Trainer:
         if extra is not None:
             weights.update({f"stage_module.{k}": v for k, v in extra.state_dict().items()
                             if not k.startswith("encoder.")})
+        if self.reference is not None:  # a resumed dpo stage needs its starting point again
+            weights.update({f"reference.{k}": v for k, v in self.reference.copies.items()})
         return weights
 
-    def _checkpoint(self, stage_index: int, step: int, optimizer: torch.optim.Optimizer,
+    def _checkpoint(self, stage_index: int, step: int, module: nn.Module, optimizer: torch.optim.Optimizer,
                     extra: nn.Module | None) -> None:
-        if self.dist.main:
-            state = ckpt.TrainState(stage_index, step, self.global_step, sorted(self.trained))
+        state = ckpt.TrainState(stage_index, step, self.global_step, sorted(self.trained))
+        run = self.recipe.run
+        if self.fsdp:  # every process writes its shards (torch.distributed.checkpoint)
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            ckpt.save_sharded_checkpoint(self.out, state, self._saved_weights(extra),
+                                         get_optimizer_state_dict(module, optimizer), self.recipe.to_dict(),
+                                         run.keep_checkpoints, self.dist.main)
+        elif self.dist.main:
             ckpt.save_checkpoint(self.out, state, self._saved_weights(extra), optimizer.state_dict(),
-                                 self.recipe.to_dict(), self.recipe.run.keep_checkpoints)
+                                 self.recipe.to_dict(), run.keep_checkpoints)
+        if self.dist.main:
             plot_curves(read_log(self.out), self.out / PLOT_FILE, self.recipe.name)
         self.dist.barrier()
 
-    def _restore(self) -> tuple[ckpt.TrainState, dict[str, Tensor], dict[str, Any]] | None:
+    def _restore(self) -> tuple[ckpt.TrainState, dict[str, Tensor], Any] | None:
         path = ckpt.latest_checkpoint(self.out)
         if path is None:
             return None
-        state, weights, optimizer = ckpt.load_checkpoint(path)
         # The adapters of every stage up to the checkpoint's, so its LoRA weights have a home.
+        state = ckpt.read_state(path)
         for i, stage in enumerate(self.recipe.stages[: state.stage + 1]):
             if stage.lora is not None:
                 self._apply_lora(i, stage)
-        own = {k: v for k, v in weights.items() if not k.startswith("stage_module.")}
-        missing = set(own) - set(self.omni.state_dict())
+        own_state = self.omni.state_dict()
+        if self.fsdp and ckpt.is_sharded(path):
+            state, weights, optimizer = ckpt.load_sharded_checkpoint(path, own_state)
+        else:  # a sharded checkpoint is consolidated in memory; under FSDP a full one is sharded
+            state, weights, optimizer = ckpt.load_checkpoint(path)
+            if self.fsdp:
+                weights = _distribute_like(weights, own_state)
+        own = {k: v for k, v in weights.items() if not k.startswith(("stage_module.", "reference."))}
+        missing = set(own) - set(own_state)
         if missing:
             raise ConfigError(f"{path} does not fit this recipe's model: {sorted(missing)[:3]}")
         self.omni.load_state_dict(own, strict=False)
@@ -278,7 +401,31 @@ class Trainer:
     def _apply_lora(self, index: int, stage: StageSpec) -> None:
         # Seeded, so the adapters a stage starts with are the same in a fresh and a resumed run.
         with api._seeded(self.recipe.run.seed * 1000 + index):
-            apply_lora(self.omni, stage.lora)
+            made = apply_lora(self.omni, stage.lora)
+        for name in made:
+            self.lora_owner.setdefault(name, index)
+
+    def _load_optimizer(self, module: nn.Module, optimizer: torch.optim.Optimizer, saved: Any) -> None:
+        """Optimizer state from a checkpoint of either kind: torch's own (parameters by position),
+        by parameter name (a consolidated FSDP checkpoint), or FSDP shards."""
+        names = {id(p): n for n, p in module.named_parameters()}
+        order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        if not self.fsdp:
+            optimizer.load_state_dict(ckpt.optimizer_by_position(saved, order))
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        if isinstance(saved, ckpt.ShardedOptimizer):
+            state = get_optimizer_state_dict(module, optimizer)  # the layout to read the shards into
+            saved.load_into(state)
+            set_optimizer_state_dict(module, optimizer, state)
+        else:
+            set_optimizer_state_dict(module, optimizer, ckpt.optimizer_by_name(saved, order),
+                                     options=StateDictOptions(full_state_dict=True))
 
     # --- run ---------------------------------------------------------------------------------------
     def run(self, resume: bool, stop_after: int | None) -> RunResult:
@@ -305,46 +452,62 @@ class Trainer:
                     continue  # finished before the checkpoint
                 if index == state.stage:
                     start, optimizer_state = state.step, opt
-                    stage_weights = {k[len("stage_module."):]: v for k, v in weights.items()
-                                     if k.startswith("stage_module.")}
+                    stage_weights = {k: v for k, v in weights.items()
+                                     if k.startswith(("stage_module.", "reference."))}
                 restored = None
             if not self._run_stage(index, stage, start, optimizer_state, stage_weights, stop_after):
                 return RunResult(self.out, self.global_step, self.losses, None)
-        model_dir = self.export() if self.dist.main else None
+        plain = self._plain_model()
+        model_dir = self.export(plain) if self.dist.main else None
         self.dist.barrier()
         return RunResult(self.out, self.global_step, self.losses, model_dir)
 
-    def _run_stage(self, index: int, stage: StageSpec, start: int, optimizer_state: dict | None,
+    def _run_stage(self, index: int, stage: StageSpec, start: int, optimizer_state: Any,
                    stage_weights: dict[str, Tensor] | None, stop_after: int | None) -> bool:
         """Train one stage from step `start`; False when stopped early by `stop_after`."""
         run, env, omni = self.recipe.run, self.dist, self.omni
+        stage_weights = stage_weights or {}
+        if self.fsdp and stage.kind not in CHAT_KINDS:
+            raise ConfigError(f'stage {stage.name!r}: run.distributed = "fsdp" runs chat stages (sft, dpo); run '
+                              'contrastive stages with "ddp", then resume their checkpoint with "fsdp"')
         if stage.lora is not None:
             self._apply_lora(index, stage)
-        names = set_trainable(omni, stage)
+        adapters = {n for n, owner in self.lora_owner.items() if owner <= index} if self.fsdp else None
+        names = set_trainable(omni, stage, adapters)
         module = self._stage_module(index, stage)
-        if stage_weights:
-            module.load_state_dict(stage_weights, strict=False)
+        extra = {k[len("stage_module."):]: v for k, v in stage_weights.items() if k.startswith("stage_module.")}
+        if extra:
+            module.load_state_dict(extra, strict=False)
         self.trained |= {n for n in names if not is_lora_key(n)}
+        self.reference = self._reference(index, stage, start, stage_weights) if stage.kind == "dpo" else None
+        if self.fsdp:
+            parts = {"vision": ("vision_tower.", "multi_modal_projector."),
+                     "audio": ("audio_tower.", "audio_projector.")}
+            self.chat.touch = {kind: [n for n in names if n.startswith(prefixes)] for kind, prefixes in parts.items()}
         named = [(_omni_name(n, stage), p) for n, p in module.named_parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(param_groups(named, stage), betas=stage.betas,
                                       fused=env.device.type == "cuda")
         if optimizer_state is not None:
-            optimizer.load_state_dict(optimizer_state)
+            self._load_optimizer(module, optimizer, optimizer_state)
         wrapped: nn.Module = module
-        if env.world > 1:
+        if env.world > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
             # A chat batch without images (or audio) leaves that tower unused in its backward.
             towers = ("vision_tower", "multi_modal_projector", "audio_tower", "audio_projector")
-            unused = stage.kind == "sft" and any(n.startswith(towers) for n, _ in named)
+            unused = stage.kind in CHAT_KINDS and any(n.startswith(towers) for n, _ in named)
             wrapped = DistributedDataParallel(module, find_unused_parameters=unused)
         micro = stage.micro_batch_size
         if stage.kind == "contrastive" and micro is not None and micro < stage.batch_size // env.world:
             raise ConfigError(f"stage {stage.name!r}: a contrastive loss needs the whole batch at once "
                               "(no micro_batch_size)")
         source = RecordSource(stage.data)
-        make = (pair_example(self.model.tokenizer, self.model.config, stage) if stage.kind == "contrastive"
-                else chat_example(self.model.processor, stage))
+        if stage.kind == "contrastive":
+            make = pair_example(self.model.tokenizer, self.model.config, stage)
+        elif stage.kind == "dpo":
+            make = preference_example(self.model.processor, stage)
+        else:
+            make = chat_example(self.model.processor, stage)
         batches = StageBatches(stage, make, source, self.model.tokenizer.pad_token_id, run.seed,
                                env.rank, env.world, start, micro)
         loader: Iterator = iter(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=run.workers,
@@ -352,14 +515,14 @@ class Trainer:
         autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=run.autocast == "bfloat16")
         train_mode(omni)
         trainable = [p for _, p in named]
-        window = {"loss": 0.0, "samples": 0, "steps": 0, "dropped": 0, "t": time.perf_counter()}
+        window: dict[str, float] = {"loss": 0.0, "samples": 0, "steps": 0, "dropped": 0, "t": time.perf_counter()}
         with _progress_bar(self.progress, stage, start) as bar:
             for step in range(start, stage.steps):
                 micro_batches, dropped = next(loader)
                 factor = lr_factor(step, stage)
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * factor
-                loss, samples = self._step(stage, wrapped, micro_batches, autocast)
+                loss, samples, stats = self._step(stage, module, wrapped, micro_batches, autocast)
                 norm = torch.nn.utils.clip_grad_norm_(trainable, stage.clip_grad or float("inf"))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -368,14 +531,17 @@ class Trainer:
                 window["samples"] += samples
                 window["steps"] += 1
                 window["dropped"] += int(env.sum(dropped))
+                for key, value in stats.items():
+                    window[key] = window.get(key, 0.0) + value
                 bar.update(step + 1, loss, samples)
                 done = step + 1 == stage.steps
                 if (step + 1) % run.log_every == 0 or done:
                     elapsed = time.perf_counter() - window["t"]
                     row = {"type": "train", "stage": stage.name, "step": step + 1, "global_step": self.global_step,
                            "loss": window["loss"] / window["steps"], "lr": stage.lr * factor,
-                           "grad_norm": float(norm), "samples_per_s": window["samples"] / elapsed,
+                           "grad_norm": _full(norm), "samples_per_s": window["samples"] / elapsed,
                            "dropped": window["dropped"], "time": time.time()}
+                    row.update({key: window[key] / window["steps"] for key in stats})
                     self.losses.append(row["loss"])
                     self._log(row)
                     window = {"loss": 0.0, "samples": 0, "steps": 0, "dropped": 0, "t": time.perf_counter()}
@@ -384,18 +550,33 @@ class Trainer:
                     self.evaluate(stage.name)
                 stop = stop_after is not None and self.global_step >= stop_after
                 if done or stop or self.global_step % run.save_every == 0:
-                    extra = module if isinstance(module, ContrastiveModule) else None
-                    self._checkpoint(index, step + 1, optimizer, extra)
+                    extra_module = module if isinstance(module, ContrastiveModule) else None
+                    self._checkpoint(index, step + 1, module, optimizer, extra_module)
                 if stop and not done:
                     return False
+        self.reference = None
         return not (stop_after is not None and self.global_step >= stop_after
                     and index < len(self.recipe.stages) - 1)
 
+    def _reference(self, index: int, stage: StageSpec, start: int, saved: dict[str, Tensor]) -> Reference:
+        """The dpo stage's reference: its own new adapters off, a copy of everything else it trains (as
+        it was at the stage's first step: taken now, or read back from the checkpoint on resume)."""
+        fresh = sorted(n for n, owner in self.lora_owner.items() if owner == index and stage.lora is not None)
+        inside = tuple(f"{n}." for n in fresh)
+        trained = [(n, p) for n, p in self.omni.named_parameters() if p.requires_grad and not n.startswith(inside)]
+        if start == 0:
+            copies = {n: p.detach().clone() for n, p in trained}
+        else:
+            copies = {n: saved[f"reference.{n}"] for n, _ in trained if f"reference.{n}" in saved}
+            if len(copies) != len(trained):
+                raise ConfigError(f"stage {stage.name!r}: the checkpoint lacks the reference weights of this dpo stage")
+        return Reference(self.omni, fresh, copies)
+
     def _stage_module(self, index: int, stage: StageSpec) -> nn.Module:
-        """What the stage's forward is: the chat loss over the omni model, or a contrastive module
+        """What the stage's forward is: the chat forward over the omni model, or a contrastive module
         around one of its encoders (its text tower seeded, so a resumed stage rebuilds it equally)."""
-        if stage.kind == "sft":
-            return ChatLoss(self.omni)
+        if stage.kind in CHAT_KINDS:
+            return self.chat
         config = self.model.config
         if stage.tower == "vision":
             encoder, width = self.omni.vision_tower, config.vision.hidden_size
@@ -416,40 +597,96 @@ class Trainer:
                 p.requires_grad_(False)
         return module.to(self.dist.device)
 
-    def _step(self, stage: StageSpec, module: nn.Module, micro_batches: list[Any],
-              autocast: contextlib.AbstractContextManager) -> tuple[float, int]:
-        """Forward and backward over the step's micro-batches; returns (global loss, global samples)."""
+    def _sync(self, wrapped: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+        """Gradients are averaged over processes once per step, on the last micro-batch."""
+        if self.dist.world == 1:
+            return contextlib.nullcontext()
+        if self.fsdp:
+            wrapped.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if last else wrapped.no_sync()
+
+    def _step(self, stage: StageSpec, module: nn.Module, wrapped: nn.Module, micro_batches: list[Any],
+              autocast: contextlib.AbstractContextManager) -> tuple[float, int, dict[str, float]]:
+        """Forward and backward over the step's micro-batches; returns (global loss, global samples,
+        other statistics to log)."""
         env = self.dist
         samples = env.sum(sum(b.samples for b in micro_batches))
         if stage.kind == "contrastive":
             with autocast:
-                loss = module(_to(micro_batches[0], env.device))
+                loss = wrapped(_to(micro_batches[0], env.device))
             loss.backward()
-            return float(loss.detach()), int(samples)
+            return float(loss.detach()), int(samples), {}
+        if stage.kind == "dpo":
+            return self._preference_step(stage, module, wrapped, micro_batches, autocast, samples)
         tokens = env.sum(sum(b.target_tokens for b in micro_batches))
         total = 0.0
         for k, batch in enumerate(micro_batches):
-            last = k == len(micro_batches) - 1
-            # DDP all-reduces the gradients once per step, on the last micro-batch.
-            sync = contextlib.nullcontext() if last or env.world == 1 else module.no_sync()
-            with sync:
+            with self._sync(wrapped, k == len(micro_batches) - 1):
                 with autocast:
-                    loss_sum = module(_to(batch, env.device))
-                # DDP averages over processes; scaling by `world` makes that the global-batch mean.
+                    loss_sum = wrapped(_to(batch, env.device))
+                # DDP and FSDP average over processes; scaling by `world` makes that the global-batch mean.
                 (loss_sum * env.world / max(tokens, 1.0)).backward()
             total += float(loss_sum.detach())
-        return env.sum(total) / max(tokens, 1.0), int(samples)
+        return env.sum(total) / max(tokens, 1.0), int(samples), {}
+
+    def _preference_step(self, stage: StageSpec, module: nn.Module, wrapped: nn.Module,
+                         micro_batches: list[PreferenceBatch], autocast: contextlib.AbstractContextManager,
+                         pairs: float) -> tuple[float, int, dict[str, float]]:
+        """A dpo step: per micro-batch, the reference's answer log-probs (no gradient), then the policy's,
+        and each loss term summed over the micro-batch and divided by its count in the global batch
+        (pairs; chosen tokens for the SFT term), so accumulation and processes give one big batch."""
+        env, spec = self.dist, stage.dpo
+        chosen_tokens = max(env.sum(sum(b.chosen_tokens for b in micro_batches)), 1.0)
+        pairs = max(pairs, 1.0)
+        total = accuracy = margin = 0.0
+        for k, batch in enumerate(micro_batches):
+            chat = _to(batch.chat, env.device)
+            with torch.no_grad(), self.reference(), autocast:
+                reference = module(chat, per_row=True)
+            with self._sync(wrapped, k == len(micro_batches) - 1):
+                with autocast:
+                    policy = wrapped(chat, per_row=True)
+                terms = preference_losses(policy, reference, spec)
+                loss = (spec.dpo_weight * terms["dpo"].sum() / pairs
+                        + spec.quality_weight * terms["quality"].sum() / pairs
+                        + spec.sft_weight * terms["nll"] / chosen_tokens)
+                (loss * env.world).backward()
+            total += float(loss.detach())
+            accuracy += float((terms["margin"] > 0).sum()) / pairs
+            margin += float(terms["margin"].sum()) / pairs
+        stats = {"reward_accuracy": env.sum(accuracy), "reward_margin": env.sum(margin)}
+        return env.sum(total), int(pairs), stats
 
     # --- evaluation and export ---------------------------------------------------------------------
+    def _plain_model(self) -> api.Model:
+        """The model as one ordinary module: itself, or under FSDP (every process takes part) the full
+        weights gathered into a fresh copy on the main process (others get their sharded model back)."""
+        if not self.fsdp:
+            return self.model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.omni, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.dist.main:
+            return self.model
+        model = build_model(self.recipe)
+        for index, stage in enumerate(self.recipe.stages):
+            if stage.lora is not None:
+                with api._seeded(self.recipe.run.seed * 1000 + index):
+                    apply_lora(model.model, stage.lora)
+        model.model.load_state_dict(full)
+        return model
+
     def evaluate(self, stage_name: str) -> None:
         """The eval harness on a small slice of the world (main process only); scores go to the log."""
+        plain = self._plain_model()
         if self.dist.main:
             from tinyomni.eval.runner import RunConfig, evaluate
 
             spec = self.recipe.eval
             if self._eval_items is None:
                 self._eval_items = eval_items(spec)
-            model = api.Model(self.omni, self.model.tokenizer, self.model.chat_template, name=self.recipe.name)
+            model = api.Model(plain.model, self.model.tokenizer, self.model.chat_template, name=self.recipe.name)
             out = self.out / "eval" / f"step-{self.global_step:07d}"
             config = RunConfig(batch_size=spec.batch_size, max_new_tokens=spec.max_new_tokens, progress=False,
                                resume=False)
@@ -463,20 +700,39 @@ class Trainer:
                        "tasks": {k: v["score"] for k, v in summary["tasks"].items()}})
         self.dist.barrier()
 
-    def export(self) -> Path:
+    def export(self, model: api.Model | None = None) -> Path:
         """The trained model as a checkpoint directory `<out>/model`, loadable by `tinyomni.load`.
         LoRA adapters are kept apart (small, the base decoder stays a reference) or merged."""
+        model = model or self.model
         lora_mode = self.recipe.run.lora_export
         if lora_mode == "merged":
-            merge_lora(self.omni)
-        config = self.model.config
+            merge_lora(model.model)
+        config = model.config
         decoder_trained = any(n.startswith("language_model.") for n in self.trained)
         store = config.base_decoder is None or decoder_trained or (lora_mode == "merged" and self._had_lora())
-        self.omni.eval()
-        return self.model.save(self.out / MODEL_DIR, store_decoder=store)
+        model.model.eval()
+        return model.save(self.out / MODEL_DIR, store_decoder=store)
 
     def _had_lora(self) -> bool:
         return any(s.lora is not None for s in self.recipe.stages)
+
+
+def _distribute_like(weights: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Full tensors (a checkpoint written without FSDP) as shards laid out like the model's own."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    out = {}
+    for key, value in weights.items():
+        target = own.get(key.removeprefix("reference."))
+        if isinstance(target, DTensor):
+            value = distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements)
+        out[key] = value
+    return out
+
+
+def _full(value: Tensor) -> float:
+    """A scalar that may be a DTensor (FSDP's gradient norm)."""
+    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
 
 
 def eval_items(spec: EvalSpec) -> list[Any]:

@@ -1,4 +1,5 @@
-"""`tinyomni world ...`: generate data sets, preview samples, write the world-bench, list skills."""
+"""`tinyomni world ...`: generate data sets, preview samples, write the world-bench, list skills, and
+make preference data from a model's mistakes."""
 
 from __future__ import annotations
 
@@ -48,6 +49,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--n", type=int, default=BENCH_N, help=f"samples per skill (standard: {BENCH_N})")
     bench.add_argument("--workers", type=int, default=1)
     bench.set_defaults(func=_bench)
+
+    prefs = sub.add_parser("preferences", help="preference data (JSONL) for a dpo stage from a model's own "
+                           "mistakes: chosen = the exact answer, rejected = the model's wrong answer")
+    prefs.add_argument("--model", "-m", required=True, help="a model for tinyomni.load (name or checkpoint dir)")
+    prefs.add_argument("--out", "-o", required=True, help="the JSONL to write (media go beside it, under media/)")
+    _common(prefs, n_default=50, n_help="questions per skill")
+    prefs.add_argument("--batch-size", type=int, default=8)
+    prefs.add_argument("--max-new-tokens", type=int, default=32)
+    _knobs(prefs)
+    prefs.set_defaults(func=_preferences)
 
     skills = sub.add_parser("skills", help="list the skills and what each asks")
     skills.set_defaults(func=_skills)
@@ -138,6 +149,27 @@ def _bench(args: argparse.Namespace) -> int:
     path = write_bench(args.out, n=args.n, workers=args.workers, progress=True)
     Console().print(f"wrote {BENCH_NAME} ({args.n} per skill) to {path}\n"
                     f"run it: tinyomni eval run {path} --model <model>")
+    return 0
+
+
+def _preferences(args: argparse.Namespace) -> int:
+    import tinyomni
+    from tinyomni.world.preferences import make_preferences
+
+    model = tinyomni.load(args.model)
+    start = time.perf_counter()
+    counts = make_preferences(model, args.out, skills=resolve_skills(args.skills), split=args.split, n=args.n,
+                              seed=args.seed, difficulty=difficulty_from_args(args), batch_size=args.batch_size,
+                              max_new_tokens=args.max_new_tokens, progress=True)
+    table = Table(title=f"preference pairs from {args.model}'s wrong answers ({args.split} split)")
+    for column in ("skill", "asked", "wrong (pairs)", "right", "no answer"):
+        table.add_column(column)
+    for skill, c in counts.items():
+        table.add_row(skill, str(c["asked"]), str(c["wrong"]), str(c["right"]), str(c["empty"]))
+    console = Console()
+    console.print(table)
+    pairs = sum(c["wrong"] for c in counts.values())
+    console.print(f"wrote {pairs} pairs to {args.out} in {time.perf_counter() - start:.1f} s")
     return 0
 
 
