@@ -124,18 +124,20 @@ def test_corrupt_or_truncated_gguf_is_a_clear_error(tmp_path):
         load_gguf(tmp_path / "missing.gguf")
 
 
-def test_hf_directory_loads_as_a_base_decoder(tmp_path):
+@pytest.mark.parametrize("padding", [0, 64])  # Qwen2 checkpoints pad the table past the tokenizer
+def test_hf_directory_loads_as_a_base_decoder(tmp_path, padding):
     transformers = pytest.importorskip("transformers")
     from tinyomni.checkpoints.gguf import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tokenizer.save_pretrained(tmp_path)
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer) + padding, hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       tie_word_embeddings=True, eos_token_id=2)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
     model = tinyomni.load(tmp_path)
+    assert model.config.decoder.vocab_size == len(tokenizer) + max(padding, 6)  # 6 media tokens added
     assert model.tokenizer.eos_token_ids == [2]
     assert model.processor.render([{"role": "user", "content": "hi"}]).startswith("<|im_start|>")
     assert isinstance(model.chat("hi", max_new_tokens=3), str)

@@ -287,7 +287,8 @@ def from_base_decoder(spec: str, vision: VisionConfig | None = None, audio: Audi
     config = OmniConfig(decoder=base.config, vision=vision or VisionConfig(), audio=audio or AudioConfig(),
                         base_decoder=spec, **config_fields)
     add_media_tokens(tokenizer, config)
-    config.decoder = dataclasses.replace(base.config, vocab_size=len(tokenizer))
+    # A padded table (Qwen2's) already has rows for the media tokens; otherwise they are appended.
+    config.decoder = dataclasses.replace(base.config, vocab_size=max(len(tokenizer), base.config.vocab_size))
     with _seeded(seed):
         model = OmniModel(config)
     _load_decoder_weights(model, base, added_rows=None)
