@@ -356,8 +356,8 @@ def test_saved_import_loads_back_as_a_native_checkpoint(qwen2_dir: Path, tmp_pat
 # --- the architecture table and errors ----------------------------------------------------------------
 def test_an_unsupported_architecture_is_named_with_the_supported_ones(qwen2_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(
-        {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "text_config": {}}))
-    with pytest.raises(CheckpointError, match="LlavaForConditionalGeneration is not supported") as err:
+        {"architectures": ["Idefics3ForConditionalGeneration"], "model_type": "idefics3", "text_config": {}}))
+    with pytest.raises(CheckpointError, match="Idefics3ForConditionalGeneration is not supported") as err:
         tinyomni.load(tmp_path)
     for name in ARCHITECTURES:
         assert name in str(err.value)

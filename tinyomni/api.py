@@ -205,7 +205,7 @@ class Model:
                 tiles = count_tiles(image_size[0], image_size[1], config.vision.image_size, config.min_tiles,
                                     config.max_tiles, config.use_thumbnail)
                 facts["image"] = {"size": list(image_size), "tiles": tiles,
-                                  "tokens": tiles * config.image_tokens_per_tile + 2}
+                                  "tokens": tiles * config.image_tokens_per_tile + (2 if config.image_wrap else 0)}
         if config.audio is not None:
             from tinyomni.model.audio import audio_output_length
 

@@ -336,9 +336,10 @@ class ChatProcessor:
 
         `after` is the placeholder token just before the run. The run is encoded behind it, and it is
         dropped again, because that is how the run's text sits in the whole prompt transformers
-        tokenizes: a SentencePiece-style pre-tokenizer (Metaspace, prepend_scheme "first", as
-        transformers 5 builds Llama-2's) writes a "▁" before text that starts the input, not before
-        text that follows a special token; encoded alone, the run would gain that "▁".
+        tokenizes: a SentencePiece-style pre-tokenizer (Metaspace with prepend_scheme "first", as newer
+        Llama-2 tokenizer.json files have it) writes a "▁" before text that starts the input, not before
+        text that follows a special token; encoded alone, the run would gain that "▁". (Llama-2's legacy
+        "Prepend ▁" normalizer writes one in both places, so it is unaffected; so are byte-level BPEs.)
         """
         text = "".join(t for t, _ in run)
         if not text:

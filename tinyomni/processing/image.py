@@ -354,8 +354,60 @@ def image_to_tensor(images: Sequence[Image.Image], image_size: int,
 def preprocess_image(source: ImageSource, image_size: int = 448, min_tiles: int = 1, max_tiles: int = 6,
                      use_thumbnail: bool = True, mean: Sequence[float] = DEFAULT_MEAN,
                      std: Sequence[float] = DEFAULT_STD,
-                     max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    """Load, tile and normalise one image: float32 [tiles, 3, image_size, image_size]."""
+                     max_pixels: int | None = DEFAULT_MAX_PIXELS, resize: str = "tiles",
+                     shortest_edge: int | None = None, pad_square: bool = False) -> torch.Tensor:
+    """Load, tile and normalise one image: float32 [tiles, 3, image_size, image_size].
+
+    `resize` "tiles" is InternVL's dynamic resolution; "shortest_edge" is CLIP's one-tile preprocessing
+    (`resize_shortest_edge` to `shortest_edge`, default image_size, then `centre_crop`). `pad_square`
+    first pads the image to a square in the mean colour (`pad_to_square`, LLaVA's "pad" mode).
+    """
     image = load_image(source, max_pixels=max_pixels)
-    tiles = dynamic_preprocess(image, min_tiles, max_tiles, image_size, use_thumbnail)
+    if pad_square:
+        image = pad_to_square(image, mean)
+    if resize == "shortest_edge":
+        tiles = [centre_crop(resize_shortest_edge(image, shortest_edge or image_size), image_size)]
+    elif resize == "tiles":
+        tiles = dynamic_preprocess(image, min_tiles, max_tiles, image_size, use_thumbnail)
+    else:
+        raise InputError(f"unknown image resize mode {resize!r} (tiles, shortest_edge)")
     return image_to_tensor(tiles, image_size, mean, std)
+
+
+# --- CLIP / LLaVA one-tile preprocessing -----------------------------------------------------------
+# The same steps, sizes and roundings as transformers' CLIPImageProcessor and LlavaImageProcessor
+# (PIL backend), so LLaVA checkpoints see the pixels they were evaluated with.
+def pad_to_square(image: Image.Image, mean: Sequence[float]) -> Image.Image:
+    """Centre `image` on a square of its longer side, filled with the mean colour (each channel's
+    mean × 255, truncated), as LLaVA pads before resizing."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), tuple(int(m * 255) for m in mean))
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def resize_shortest_edge(image: Image.Image, shortest_edge: int) -> Image.Image:
+    """Bicubic resize so the shorter side is `shortest_edge`; the longer one is truncated, not rounded."""
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(shortest_edge * long / short)
+    size = (shortest_edge, new_long) if width <= height else (new_long, shortest_edge)
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def centre_crop(image: Image.Image, size: int) -> Image.Image:
+    """The centred size × size square; an image smaller than that is first padded with black, centred
+    (rounding the padding up on the top and left, as transformers does)."""
+    width, height = image.size
+    top, left = (height - size) // 2, (width - size) // 2
+    if top >= 0 and left >= 0:
+        return image.crop((left, top, left + size, top + size))
+    new_height, new_width = max(size, height), max(size, width)
+    top_pad, left_pad = -(-(new_height - height) // 2), -(-(new_width - width) // 2)  # ceil
+    canvas = Image.new("RGB", (new_width, new_height))
+    canvas.paste(image, (left_pad, top_pad))
+    top, left = top + top_pad, left + left_pad
+    return canvas.crop((max(0, left), max(0, top), min(new_width, left + size), min(new_height, top + size)))
