@@ -54,6 +54,12 @@ class VisionConfig:
     # one (InternVL, and LLaVA's "default" on CLIP); "full" keeps every token (LLaVA's "full");
     # "drop_first" drops the first token whatever it is (LLaVA's "default" on a tower without CLS).
     feature_select: str = "patches"
+    # Idefics3 / SmolVLM's position ids (NaViT-style): each patch's fractional coordinate (row / rows,
+    # column / columns, in float32) is bucketed into the trained grid. On most grids that is the plain
+    # index, but float rounding moves some patches one bucket on others (e.g. 19, 25, 29, 31 patches a
+    # side), so imported weights need exactly these ids. False: indices (resized bicubically when the
+    # grid differs from the trained one).
+    position_buckets: bool = False
 
     @property
     def grid_size(self) -> int:
@@ -116,15 +122,19 @@ class AudioConfig:
 
 @dataclass
 class ProjectorConfig:
-    """LayerNorm → Linear → activation (GELU) → Linear from an encoder's (shuffled) features to the decoder width."""
+    """LayerNorm → Linear → activation (GELU) → Linear from an encoder's (shuffled) features to the decoder width
+    (kind "mlp"), or one bias-free Linear (kind "linear": Idefics3 / SmolVLM's `modality_projection.proj`)."""
 
     downsample_ratio: float = 0.5  # pixel shuffle; 0.5 keeps a quarter of the tokens (vision only)
     hidden_size: int | None = None  # None: the decoder's hidden size
     hidden_act: str = "gelu"  # between the two linears (InternVL's projector_hidden_act)
     layer_norm: bool = True  # InternVL normalises the input first; LLaVA's projector has no LayerNorm
+    kind: str = "mlp"  # "linear": no LayerNorm, activation or hidden layer (hidden_size, hidden_act unused)
 
     def validate(self) -> None:
         _require(0 < self.downsample_ratio <= 1, "projector.downsample_ratio must be in (0, 1]")
+        _require(self.kind in PROJECTOR_KINDS,
+                 f"projector.kind must be one of {', '.join(PROJECTOR_KINDS)}, got {self.kind!r}")
         _require(self.hidden_act in ACTIVATIONS, f"projector.hidden_act must be one of {sorted(ACTIVATIONS)}")
         _require(round(1 / self.downsample_ratio) == 1 / self.downsample_ratio,
                  "projector.downsample_ratio must be 1/k for an integer k")
@@ -204,9 +214,25 @@ class OmniConfig:
     image_resize: str = "tiles"
     image_shortest_edge: int | None = None  # None: the tile size
     image_pad_to_square: bool = False
+    # image_resize "longest_edge" (Idefics3 / SmolVLM's image processor): resize the longer side to
+    # image_longest_edge (None: the tile size), then, with image_splitting, to whole tiles, cut into
+    # rows × columns tiles plus a global image of the whole picture; without it, one square tile. The
+    # resizes are Lanczos (Pillow), as those checkpoints' processors resize. min/max_tiles do not apply.
+    image_longest_edge: int | None = None
+    image_splitting: bool = True
+    # How an image's placeholder is written: "run" (its tokens in one run, wrapped by image_wrap) or
+    # "grid" (Idefics3 / SmolVLM: each tile as image_start_token, "<row_r_col_c>" and its run, a newline
+    # after each row, then the global image as "\n", image_start_token, image_global_token, its run and
+    # image_start_token again; one tile alone is only the global part). See processing/smolvlm.py.
+    image_prompt: str = "run"
+    image_global_token: str = "<global-img>"
     video_frames: int = 8
     # Where the decoder weights come from when this checkpoint does not store them (e.g. "smollm2").
     base_decoder: str | None = None
+    # The whole model this checkpoint fine-tunes (anything tinyomni.load takes: an imported InternVL
+    # directory, a tinyomni checkpoint, a hub id), when it stores only the tensors training changed
+    # (plus its LoRA adapter). A relative path is resolved against the checkpoint's directory first.
+    base_model: str | None = None
     model_type: str = "tinyomni"
 
     @property
@@ -214,7 +240,7 @@ class OmniConfig:
         if self.vision is None:
             return 0
         r = self.vision_projector.downsample_ratio
-        return int(self.vision.num_feature_tokens * r * r)
+        return round(self.vision.num_feature_tokens * r * r)  # round: r = 1/3 is not exact in binary
 
     def validate(self) -> None:
         self.decoder.validate()
@@ -233,6 +259,9 @@ class OmniConfig:
                  f"image_resize {self.image_resize!r} makes one tile per image: min_tiles and max_tiles must be 1")
         _require(self.image_shortest_edge is None or self.image_shortest_edge > 0,
                  "image_shortest_edge must be positive")
+        _require(self.image_longest_edge is None or self.image_longest_edge > 0, "image_longest_edge must be positive")
+        _require(self.image_prompt in IMAGE_PROMPTS,
+                 f"image_prompt must be one of {', '.join(IMAGE_PROMPTS)}, got {self.image_prompt!r}")
         if self.audio is not None:
             self.audio.validate()
         _require(1 <= self.min_tiles <= self.max_tiles, "min_tiles must be >= 1 and <= max_tiles")
@@ -279,7 +308,9 @@ class OmniConfig:
 
 
 FEATURE_SELECT = ("patches", "full", "drop_first")
-IMAGE_RESIZE = ("tiles", "shortest_edge")
+IMAGE_RESIZE = ("tiles", "shortest_edge", "longest_edge")
+IMAGE_PROMPTS = ("run", "grid")
+PROJECTOR_KINDS = ("mlp", "linear")
 ACTIVATIONS = {"gelu", "gelu_pytorch_tanh", "gelu_new", "quick_gelu", "silu", "relu"}
 
 

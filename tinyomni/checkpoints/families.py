@@ -69,10 +69,24 @@ def _read_llava(path: Path) -> Imported:
     return llava.read_llava(path)
 
 
+def _read_smolvlm(path: Path) -> Imported:
+    from tinyomni.checkpoints import smolvlm
+
+    return smolvlm.read_smolvlm(path)
+
+
+def _read_idefics3(path: Path) -> Imported:
+    from tinyomni.checkpoints import smolvlm
+
+    return smolvlm.read_idefics3(path)
+
+
 DECODER = Family("decoder")
 INTERNVL_HF = Family("internvl", _read_internvl_hf)
 INTERNVL_CHAT = Family("internvl-original", _read_internvl_chat)
 LLAVA = Family("llava", _read_llava)
+SMOLVLM = Family("smolvlm", _read_smolvlm)
+IDEFICS3 = Family("idefics3", _read_idefics3)
 
 # config.json "architectures" entry → family. Exact names only.
 ARCHITECTURES: dict[str, Family] = {
@@ -82,6 +96,8 @@ ARCHITECTURES: dict[str, Family] = {
     "InternVLForConditionalGeneration": INTERNVL_HF,  # the transformers-native "-hf" InternVL2.5 / InternVL3
     "InternVLChatModel": INTERNVL_CHAT,  # OpenGVLab's original layout (trust_remote_code)
     "LlavaForConditionalGeneration": LLAVA,  # LLaVA-1.5 "-hf", TinyLLaVA "-hf" (CLIP/SigLIP + Llama/Qwen2)
+    "SmolVLMForConditionalGeneration": SMOLVLM,  # SmolVLM / SmolVLM2 (SigLIP + SmolLM2), image input
+    "Idefics3ForConditionalGeneration": IDEFICS3,  # Idefics3-8B-Llama3 (SigLIP + Llama 3)
 }
 # Only for a config.json without "architectures" (hand-written or very old): its model_type.
 MODEL_TYPES: dict[str, Family] = {
@@ -91,6 +107,8 @@ MODEL_TYPES: dict[str, Family] = {
     "internvl": INTERNVL_HF,
     "internvl_chat": INTERNVL_CHAT,
     "llava": LLAVA,
+    "smolvlm": SMOLVLM,
+    "idefics3": IDEFICS3,
 }
 
 

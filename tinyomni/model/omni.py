@@ -15,7 +15,7 @@ from tinyomni.config import OmniConfig
 from tinyomni.errors import InputError
 from tinyomni.model.audio import AudioEncoder
 from tinyomni.model.decoder import CacheState, Decoder
-from tinyomni.model.projector import MultiModalProjector, pixel_shuffle
+from tinyomni.model.projector import LinearProjector, MultiModalProjector, pixel_shuffle
 from tinyomni.model.vision import VisionEncoder
 
 
@@ -26,16 +26,20 @@ class OmniModel(nn.Module):
         dec = config.decoder
         self.language_model = Decoder(dec)
         self.vision_tower: VisionEncoder | None = None
-        self.multi_modal_projector: MultiModalProjector | None = None
+        self.multi_modal_projector: MultiModalProjector | LinearProjector | None = None
         self.audio_tower: AudioEncoder | None = None
         self.audio_projector: MultiModalProjector | None = None
         if config.vision is not None:
             r = config.vision_projector.downsample_ratio
             self.vision_tower = VisionEncoder(config.vision)
             width = config.vision.hidden_size * config.vision.num_feature_layers  # layers concatenated
-            self.multi_modal_projector = MultiModalProjector(
-                int(width / (r * r)), dec.hidden_size, config.vision_projector.hidden_size,
-                hidden_act=config.vision_projector.hidden_act, layer_norm=config.vision_projector.layer_norm)
+            in_features = round(width / (r * r))  # round: r = 1/3 is not exact in binary
+            if config.vision_projector.kind == "linear":
+                self.multi_modal_projector = LinearProjector(in_features, dec.hidden_size)
+            else:
+                self.multi_modal_projector = MultiModalProjector(
+                    in_features, dec.hidden_size, config.vision_projector.hidden_size,
+                    hidden_act=config.vision_projector.hidden_act, layer_norm=config.vision_projector.layer_norm)
         if config.audio is not None:
             self.audio_tower = AudioEncoder(config.audio)
             self.audio_projector = MultiModalProjector(

@@ -83,10 +83,13 @@ class VisionEmbeddings(nn.Module):
             self.register_parameter("class_embedding", None)
         num_positions = config.num_patches + self.num_prefix_tokens
         self.position_embedding = nn.Embedding(num_positions, config.hidden_size)
+        self.position_buckets = config.position_buckets
 
     def position_embeddings(self, grid_h: int, grid_w: int) -> torch.Tensor:
         """Position embeddings [prefix + grid_h*grid_w, D] for a grid_h × grid_w patch grid."""
         weight = self.position_embedding.weight
+        if self.position_buckets:
+            return weight[bucketed_position_ids(grid_h, grid_w, self.grid_size, weight.device)]
         if grid_h == self.grid_size and grid_w == self.grid_size:
             return weight
         prefix, patches = weight[: self.num_prefix_tokens], weight[self.num_prefix_tokens :]
@@ -114,6 +117,21 @@ class VisionEmbeddings(nn.Module):
             cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
             x = torch.cat([cls, x], dim=1)
         return x + self.position_embeddings(grid_h, grid_w)
+
+
+def bucketed_position_ids(grid_h: int, grid_w: int, side: int, device: torch.device | None = None) -> torch.Tensor:
+    """Idefics3's position ids for a grid_h × grid_w patch grid over a side × side trained grid: each
+    patch's fractional coordinate, in float32 as transformers computes it, bucketed by the boundaries
+    1/side, 2/side, ... (so the few patches whose coordinate rounds below a boundary take its lower
+    bucket, as in the checkpoints' training)."""
+    boundaries = torch.arange(1 / side, 1.0, 1 / side, device=device)
+
+    def buckets(n: int) -> torch.Tensor:
+        step = 1.0 / torch.tensor([n], device=device)  # a float32 tensor, as transformers' 1.0 / count
+        coords = (torch.arange(n, device=device, dtype=torch.float32) * step).clamp(max=1.0 - 1e-6)
+        return torch.bucketize(coords, boundaries, right=True)
+
+    return (buckets(grid_h)[:, None] * side + buckets(grid_w)[None, :]).reshape(-1)
 
 
 class VisionAttention(nn.Module):

@@ -61,6 +61,7 @@ class _Media:
     tensor: torch.Tensor
     num_tokens: int
     tiles: int = 0
+    grid: tuple[int, int] = (0, 0)  # (rows, columns) of a split image (image_resize "longest_edge"); (0, 0): none
 
 
 @dataclass
@@ -221,6 +222,15 @@ class ChatProcessor:
         self._require_vision()
         vision = self.config.vision
         source = part["image"] if part["type"] == "image" else _image_url(part)
+        if self.config.image_resize == "longest_edge":  # Idefics3 / SmolVLM: split into a grid + global image
+            from tinyomni.processing.smolvlm import preprocess_split_image
+
+            tiles, rows, cols = preprocess_split_image(
+                source, vision.image_size, self.config.image_longest_edge, self.config.image_splitting,
+                mean=vision.image_mean, std=vision.image_std)
+            media.append(_Media("image", tiles, tiles.shape[0] * self.config.image_tokens_per_tile, tiles.shape[0],
+                                (rows, cols)))
+            return len(media) - 1
         tiles = preprocess_image(source, image_size=vision.image_size, min_tiles=self.config.min_tiles,
                                  max_tiles=max_tiles or self.config.max_tiles,
                                  use_thumbnail=self.config.use_thumbnail,
@@ -324,10 +334,28 @@ class ChatProcessor:
     def _placeholder(self, item: _Media) -> list[int]:
         """A media item's run of context tokens, wrapped in its start and end tokens (images: unless
         config.image_wrap is off)."""
+        if item.kind == "image" and self.config.image_prompt == "grid":
+            return self._grid_placeholder(item)
         if item.kind == "image":
             run = [self.image_context_id] * item.num_tokens
             return [self.image_start_id, *run, self.image_end_id] if self.config.image_wrap else run
         return [self.audio_start_id] + [self.audio_context_id] * item.num_tokens + [self.audio_end_id]
+
+    def _grid_placeholder(self, item: _Media) -> list[int]:
+        """config.image_prompt "grid" (Idefics3 / SmolVLM): the processor's text for the image, tokenized
+        on its own. It starts and ends with image_start_token, a special token, so BPE merges nothing
+        across its edges and these are the ids the processor's whole prompt has there."""
+        from tinyomni.processing.smolvlm import image_prompt
+
+        c = self.config
+        rows, cols = item.grid
+        text = image_prompt(rows, cols, c.image_tokens_per_tile, c.image_start_token, c.image_context_token,
+                            c.image_global_token)
+        ids = self.tokenizer.encode_piece(text)
+        if ids.count(self.image_context_id) != item.num_tokens:  # the tokenizer must hold the tokens whole
+            raise InputError(f"the image prompt has {ids.count(self.image_context_id)} {c.image_context_token} "
+                             f"tokens for {item.num_tokens} image embeddings")
+        return ids
 
     def _encode_run(self, run: list[tuple[str, bool]], after: int | None = None) -> list[int]:
         """Template and user text between two media items. Encoded whole (the ids transformers gets

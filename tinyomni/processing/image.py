@@ -370,7 +370,8 @@ def preprocess_image(source: ImageSource, image_size: int = 448, min_tiles: int 
     elif resize == "tiles":
         tiles = dynamic_preprocess(image, min_tiles, max_tiles, image_size, use_thumbnail)
     else:
-        raise InputError(f"unknown image resize mode {resize!r} (tiles, shortest_edge)")
+        raise InputError(f"unknown image resize mode {resize!r} (tiles, shortest_edge; Idefics3's "
+                         "longest_edge split is processing.smolvlm.preprocess_split_image)")
     return image_to_tensor(tiles, image_size, mean, std)
 
 
