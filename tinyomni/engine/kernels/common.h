@@ -1,0 +1,85 @@
+// Shared pieces of the weight-only quantized linears: the block size, activation quantization to
+// int8 per block of 32 (llama.cpp's q8 activations), and the per-thread scratch that holds them.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+namespace tinyomni {
+
+constexpr int64_t QK = 32;  // values per quantization block, weights and activations alike
+
+// Up to this many activation rows use the VNNI matrix-vector kernels (decode, small batches); more
+// rows (prefill) dequantize the weight once and run a dense GEMM, which is compute-bound and where
+// oneDNN (AMX for bf16) beats an int8 dot-product loop.
+constexpr int64_t GEMV_MAX_ROWS = 16;
+
+// Weight rows are stored interleaved in groups of 16 (one AVX-512 lane per row), so one dpbusd
+// multiplies 4 inputs of 16 rows by the same 4 broadcast activation bytes, and a block's 16 results
+// land in one register: no horizontal sums, and a block's 16 scales are one vector load.
+constexpr int64_t ROWS = 16;
+
+// Activation rows handled together by one pass over a row group (the unpacked weights are reused);
+// fewer with two-pass activations, whose broadcasts and sums need twice the registers.
+constexpr int MT = 4;
+constexpr int MT2 = 2;
+
+// One activation matrix quantized to int8 blocks: row m, block b holds the values
+// d[m*nb + b] * q[(m*nb + b)*32 + i]; isum is each block's integer code sum (as a float), which the
+// int4 min term and the int8 offset correction need. With two passes, the rounding residual is
+// quantized again (q2, d2, isum2): x = d*q + d2*q2 to ~1/64000 of the block's range instead of
+// ~1/254, for two dot products per weight byte instead of one (the weights are read once either way).
+struct Q8Activations {
+  int64_t rows = 0;
+  int64_t blocks = 0;
+  int passes = 1;
+  std::vector<int8_t> q, q2;
+  std::vector<float> d, d2;
+  std::vector<float> isum, isum2;
+  std::vector<float> out;  // float results before the cast to bf16 (unused for fp32 outputs)
+};
+
+// Quantizes x2d [M, K] (fp32 or bf16, contiguous) into the calling thread's scratch, zero-padding
+// each row to blocks*32. The scratch grows and is never freed, so a decode step allocates nothing.
+Q8Activations& quantize_activations(const at::Tensor& x2d, int64_t blocks, int passes);
+
+// Shape checks shared by both kernels; returns x as a contiguous [M, K] matrix.
+at::Tensor as_matrix(const at::Tensor& x, int64_t in_features);
+
+// Where float results go: the output itself when it is fp32, else the thread's scratch.
+float* output_buffer(Q8Activations& act, at::Tensor& out);
+
+// Adds the bias and writes float results into out [M, N] (fp32 or bf16).
+void finish_output(Q8Activations& act, float* result, const std::optional<at::Tensor>& bias, at::Tensor& out);
+
+// Scales and mins are fp16 values; the engine stores them as int16 tensors holding the fp16 bits, so
+// that `model.to(torch.bfloat16)` (which casts every floating-point buffer) cannot change them.
+inline bool is_half_bits(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kShort;
+}
+inline const at::Half* half_data(const at::Tensor& t) { return reinterpret_cast<const at::Half*>(t.data_ptr()); }
+
+// Row groups per parallel task: small enough that both cores share a 192-row projection (12 groups).
+constexpr int64_t GROUP_GRAIN = 2;
+
+// Broadcast of activation bytes [4*i, 4*i+4) of one quantized block.
+inline __m512i broadcast4(const int8_t* block, int i) {
+  int32_t v;
+  std::memcpy(&v, block + 4 * i, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// Writes a row group's 16 results for activation row m, dropping the padding rows past N.
+inline void store_group(const __m512 v, float* result, int64_t m, int64_t N, int64_t n0) {
+  const int64_t valid = std::min<int64_t>(ROWS, N - n0);
+  _mm512_mask_storeu_ps(result + m * N + n0, static_cast<__mmask16>((1u << valid) - 1), v);
+}
+
+}  // namespace tinyomni

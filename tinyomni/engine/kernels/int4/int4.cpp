@@ -1,0 +1,178 @@
+// int4 weight-only linear: group 32, asymmetric (w = d*q + m, q in 0..15) as GGUF Q4_1 (Q4_0 is the
+// case m = -8d), stored for the kernel with rows interleaved in groups of 16.
+//
+// Packed layout (reference.py's pack() builds it; its unpack() is the inverse):
+//   qweight uint8 [N/16, blocks*256]: for row group g, block b, chunk c (0..3), row r (0..15), j (0..3),
+//     byte (b*4 + c)*64 + r*4 + j = code(16g+r, 32b+4c+j) | code(16g+r, 32b+16+4c+j) << 4
+//   scales, mins: fp16 bits (int16) [N/16, blocks*16], element b*16 + r for row 16g+r.
+// Decode: the activation is quantized to int8 per block; one 64-byte load gives two 4-input steps
+// of 16 rows (low and high nibbles), each one VNNI dpbusd (unsigned codes x broadcast signed bytes)
+// into int32 lanes, one per row. Per block the 16 sums are scaled by d_w*d_x and the min adds
+// m_w * d_x * sum(q_x).
+#include "../common.h"
+
+namespace tinyomni {
+
+namespace {
+
+// Dot products of GT row groups with R quantized activation rows; results[gt][r] holds 16 rows.
+// TWO: the activations carry a second (residual) pass, met by the same unpacked weights.
+template <int GT, int R, bool TWO>
+inline void group_dot(const uint8_t* qw, const at::Half* scales, const at::Half* mins, int64_t nb,
+                      const Q8Activations& act, int64_t m0, __m512 (&results)[GT][R]) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  const int64_t gstride = nb * 256, sstride = nb * ROWS;
+  for (int t = 0; t < GT; ++t)
+    for (int r = 0; r < R; ++r) results[t][r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    // Separate low/high-nibble chains so consecutive dpbusd do not wait on each other.
+    __m512i lo_sum[GT][R], hi_sum[GT][R], res_sum[GT][R];
+    for (int t = 0; t < GT; ++t)
+      for (int r = 0; r < R; ++r) lo_sum[t][r] = hi_sum[t][r] = res_sum[t][r] = _mm512_setzero_si512();
+    for (int c = 0; c < 4; ++c) {
+      __m512i xl[R], xh[R], xl2[R], xh2[R];
+      for (int r = 0; r < R; ++r) {
+        const int64_t at = ((m0 + r) * nb + b) * QK;
+        xl[r] = broadcast4(act.q.data() + at, c);
+        xh[r] = broadcast4(act.q.data() + at, c + 4);
+        if (TWO) {
+          xl2[r] = broadcast4(act.q2.data() + at, c);
+          xh2[r] = broadcast4(act.q2.data() + at, c + 4);
+        }
+      }
+      for (int t = 0; t < GT; ++t) {
+        __m512i v = _mm512_loadu_si512(qw + t * gstride + (b * 4 + c) * 64);
+        __m512i wl = _mm512_and_si512(v, low);
+        __m512i wh = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        for (int r = 0; r < R; ++r) {
+          lo_sum[t][r] = _mm512_dpbusd_epi32(lo_sum[t][r], wl, xl[r]);
+          hi_sum[t][r] = _mm512_dpbusd_epi32(hi_sum[t][r], wh, xh[r]);
+          if (TWO) {
+            res_sum[t][r] = _mm512_dpbusd_epi32(res_sum[t][r], wl, xl2[r]);
+            res_sum[t][r] = _mm512_dpbusd_epi32(res_sum[t][r], wh, xh2[r]);
+          }
+        }
+      }
+    }
+    for (int t = 0; t < GT; ++t) {
+      const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + t * sstride + b * ROWS)));
+      const __m512 mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mins + t * sstride + b * ROWS)));
+      for (int r = 0; r < R; ++r) {
+        const int64_t i = (m0 + r) * nb + b;
+        const float dx = act.d[i];
+        float xsum = dx * act.isum[i];
+        __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_sum[t][r], hi_sum[t][r]));
+        results[t][r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(dw, _mm512_set1_ps(dx)), results[t][r]);
+        if (TWO) {
+          const float dx2 = act.d2[i];
+          xsum += dx2 * act.isum2[i];
+          results[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(res_sum[t][r]), _mm512_mul_ps(dw, _mm512_set1_ps(dx2)),
+                                          results[t][r]);
+        }
+        results[t][r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xsum), results[t][r]);
+      }
+    }
+  }
+}
+
+template <int GT, int R, bool TWO>
+inline void run_groups(const uint8_t* qw, const at::Half* sc, const at::Half* mn, int64_t nb, const Q8Activations& act,
+                       int64_t m0, int64_t g, float* result, int64_t N) {
+  __m512 res[GT][R];
+  group_dot<GT, R, TWO>(qw + g * nb * 256, sc + g * nb * ROWS, mn + g * nb * ROWS, nb, act, m0, res);
+  for (int t = 0; t < GT; ++t)
+    for (int r = 0; r < R; ++r) store_group(res[t][r], result, m0 + r, N, (g + t) * ROWS);
+}
+
+// Every row group in [begin, end) against every activation row: tiles of RT rows, then singles.
+template <int RT, bool TWO>
+void run_range(const uint8_t* qw, const at::Half* sc, const at::Half* mn, int64_t nb, const Q8Activations& act,
+               int64_t M, int64_t begin, int64_t end, float* result, int64_t N) {
+  int64_t m = 0;
+  for (; m + RT <= M; m += RT)
+    for (int64_t g = begin; g < end; ++g) run_groups<1, RT, TWO>(qw, sc, mn, nb, act, m, g, result, N);
+  for (; m < M; ++m) {
+    int64_t g = begin;
+    for (; g + 2 <= end; g += 2) run_groups<2, 1, TWO>(qw, sc, mn, nb, act, m, g, result, N);
+    for (; g < end; ++g) run_groups<1, 1, TWO>(qw, sc, mn, nb, act, m, g, result, N);
+  }
+}
+
+void check_weight(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins, int64_t in_features,
+                  int64_t out_features) {
+  const int64_t nb = (in_features + QK - 1) / QK, groups = (out_features + ROWS - 1) / ROWS;
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous() && qweight.dim() == 2 &&
+                  qweight.size(0) == groups && qweight.size(1) == nb * 256,
+              "int4 qweight must be a contiguous uint8 [", groups, ", ", nb * 256, "] tensor (packed rows)");
+  for (const at::Tensor* t : {&scales, &mins}) {
+    TORCH_CHECK(is_half_bits(*t) && t->is_contiguous() && t->numel() == groups * nb * ROWS,
+                "int4 scales and mins must be contiguous float16 (or int16 holding float16 bits) [", groups, ", ",
+                nb * ROWS, "]");
+  }
+}
+
+}  // namespace
+
+at::Tensor int4_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,
+                           int64_t in_features, int64_t out_features, at::ScalarType dtype) {
+  check_weight(qweight, scales, mins, in_features, out_features);
+  const int64_t groups = qweight.size(0), nb = qweight.size(1) / 256;
+  at::Tensor full = at::empty({groups * ROWS, nb * QK}, at::TensorOptions().dtype(at::kFloat));
+  const uint8_t* qw = qweight.data_ptr<uint8_t>();
+  const at::Half* sc = half_data(scales);
+  const at::Half* mn = half_data(mins);
+  float* out = full.data_ptr<float>();
+  const int64_t K = nb * QK;
+  // One row's block is 4 dwords 64 bytes apart: one gather, then nibbles → 32 floats (prefill's path).
+  const __m128i steps = _mm_setr_epi32(0, 64, 128, 192);
+  const __m128i low = _mm_set1_epi8(0x0F);
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* base = qw + g * nb * 256 + b * 256;
+        for (int64_t r = 0; r < ROWS; ++r) {
+          const __m512 d = _mm512_set1_ps(static_cast<float>(sc[(g * nb + b) * ROWS + r]));
+          const __m512 m = _mm512_set1_ps(static_cast<float>(mn[(g * nb + b) * ROWS + r]));
+          const __m128i bytes = _mm_i32gather_epi32(reinterpret_cast<const int*>(base + r * 4), steps, 1);
+          const __m128i lo = _mm_and_si128(bytes, low), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
+          float* dst = out + (g * ROWS + r) * K + b * QK;
+          _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), d), m));
+          _mm512_storeu_ps(dst + 16, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), d), m));
+        }
+      }
+    }
+  });
+  return full.narrow(0, 0, out_features).narrow(1, 0, in_features).contiguous().to(dtype);
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                       const at::Tensor& mins, const std::optional<at::Tensor>& bias, int64_t in_features,
+                       int64_t out_features, int64_t passes) {
+  check_weight(qweight, scales, mins, in_features, out_features);
+  at::Tensor x2d = as_matrix(x, in_features);
+  const int64_t M = x2d.size(0), N = out_features, nb = qweight.size(1) / 256, groups = qweight.size(0);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  if (M > GEMV_MAX_ROWS) {  // prefill: dequantize once, dense GEMM
+    at::Tensor w = int4_dequantize(qweight, scales, mins, in_features, N, x.scalar_type());
+    return at::linear(x2d, w, bias.has_value() ? bias->to(x.scalar_type()) : std::optional<at::Tensor>())
+        .view(shape);
+  }
+  at::Tensor out = at::empty({M, N}, x.options());
+  Q8Activations& act = quantize_activations(x2d, nb, static_cast<int>(passes));
+  float* result = output_buffer(act, out);
+  const uint8_t* qw = qweight.data_ptr<uint8_t>();
+  const at::Half* sc = half_data(scales);
+  const at::Half* mn = half_data(mins);
+  at::parallel_for(0, groups, GROUP_GRAIN, [&](int64_t begin, int64_t end) {
+    if (act.passes == 2) {
+      run_range<MT2, true>(qw, sc, mn, nb, act, M, begin, end, result, N);
+    } else {
+      run_range<MT, false>(qw, sc, mn, nb, act, M, begin, end, result, N);
+    }
+  });
+  finish_output(act, result, bias, out);
+  return out.view(shape);
+}
+
+}  // namespace tinyomni

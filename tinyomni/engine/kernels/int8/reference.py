@@ -1,0 +1,108 @@
+"""int8 group-32 weights, asymmetric (w = d*q + m, q in 0..255; fp16 d and m per block of 32 inputs).
+
+The 8-bit sibling of int4's format: it holds GGUF Q8_0 (q + 128, m = -128d), Q4_0 and Q4_1 blocks
+exactly, and float weights to 1/255 of each block's range (min/max per block).
+
+Two layouts. Canonical (what GGUF blocks and `quantize_codes` give): codes uint8 [N, blocks, 32],
+scales and mins [N, blocks]. Packed (what the kernel reads, see int8.cpp): rows interleaved in groups
+of 16, 4 inputs of a row together; `pack` and `unpack` convert. Scales and mins are int16 tensors
+holding the fp16 bits, so casting a model's float buffers (model.to(torch.bfloat16)) leaves them alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tinyomni.engine.kernels.activations import QK, quantize_activations
+
+ROWS = 16  # rows per interleaved group
+LEVELS = 255
+
+
+def quantize_codes(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Float weight [N, K] → canonical (codes uint8 [N, blocks, 32], scales int16, mins int16 [N, blocks]).
+    K is zero-padded to a multiple of 32."""
+    w = weight.detach().float()
+    N, K = w.shape
+    blocks = F.pad(w, (0, -K % QK)).view(N, -1, QK)
+    lo, hi = blocks.amin(-1), blocks.amax(-1)
+    d = ((hi - lo) / LEVELS).to(torch.float16)
+    m = lo.to(torch.float16)
+    # Codes from the fp16-rounded scale and min, the values the kernel will use.
+    d32, m32 = d.float(), m.float()
+    inverse = torch.where(d32 != 0, 1.0 / d32, torch.zeros_like(d32))
+    codes = torch.round((blocks - m32[..., None]) * inverse[..., None]).clamp(0, LEVELS).to(torch.uint8)
+    return codes, d.view(torch.int16), m.view(torch.int16)
+
+
+def _spread(t: Tensor, pad: int) -> Tensor:
+    """[N, blocks] per-row values → [groups, blocks*16] (block-major, then row within the group)."""
+    nb = t.shape[1]
+    G = (t.shape[0] + pad) // ROWS
+    return F.pad(t, (0, 0, 0, pad)).view(G, ROWS, nb).transpose(1, 2).reshape(G, nb * ROWS).contiguous()
+
+
+def _gather(t: Tensor, out_features: int) -> Tensor:
+    G = t.shape[0]
+    nb = t.shape[1] // ROWS
+    return t.view(G, nb, ROWS).transpose(1, 2).reshape(G * ROWS, nb)[:out_features]
+
+
+def pack(codes: Tensor, scales: Tensor, mins: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Canonical → packed (qweight uint8 [groups, blocks*512], scales and mins int16 [groups, blocks*16])."""
+    N, nb, _ = codes.shape
+    pad = -N % ROWS
+    G = (N + pad) // ROWS
+    c = F.pad(codes, (0, 0, 0, 0, 0, pad)).view(G, ROWS, nb, 8, 4)  # g r b step j
+    qweight = c.permute(0, 2, 3, 1, 4).reshape(G, nb * 512).contiguous()
+    return qweight, _spread(scales, pad), _spread(mins, pad)
+
+
+def unpack(qweight: Tensor, scales: Tensor, mins: Tensor, out_features: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Packed → canonical (codes uint8 [N, blocks, 32], scales, mins int16 [N, blocks])."""
+    G, nb = qweight.shape[0], qweight.shape[1] // 512
+    codes = qweight.view(G, nb, 8, ROWS, 4).permute(0, 3, 1, 2, 4).reshape(G * ROWS, nb, QK)[:out_features]
+    return codes, _gather(scales, out_features), _gather(mins, out_features)
+
+
+def dequantize_codes(codes: Tensor, scales: Tensor, mins: Tensor, in_features: int) -> Tensor:
+    """Canonical blocks → the float32 weight [N, in_features] they stand for."""
+    d = scales.view(torch.float16).float()[..., None]
+    m = mins.view(torch.float16).float()[..., None]
+    return (codes.float() * d + m).reshape(codes.shape[0], -1)[:, :in_features]
+
+
+def quantize(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Float weight [N, K] → packed (qweight, scales, mins), ready for the kernel."""
+    return pack(*quantize_codes(weight))
+
+
+def dequantize(qweight: Tensor, scales: Tensor, mins: Tensor, in_features: int, out_features: int) -> Tensor:
+    """Packed blocks → the float32 weight [out_features, in_features]."""
+    return dequantize_codes(*unpack(qweight, scales, mins, out_features), in_features)
+
+
+def linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, bias: Tensor | None, in_features: int,
+           out_features: int, passes: int = 1) -> Tensor:
+    """Dequantize + matmul: what the kernel computes, up to its activation quantization (so `passes`,
+    kept for the kernel's signature, changes nothing here)."""
+    w = dequantize(qweight, scales, mins, in_features, out_features).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def linear_q8(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, bias: Tensor | None, in_features: int,
+              out_features: int, passes: int = 1) -> Tensor:
+    """The kernel's own arithmetic (int8 activation blocks, integer dots, then scales), in float64."""
+    shape = x.shape
+    codes, d, m = unpack(qweight, scales, mins, out_features)
+    dw, mw = d.view(torch.float16).double(), m.view(torch.float16).double()
+    out = 0
+    for xq, dx in quantize_activations(x.reshape(-1, shape[-1]), passes):
+        dots = torch.einsum("mbi,nbi->mnb", xq.double(), codes.double())
+        dx = dx.double()
+        out = out + (dots * dw[None] * dx[:, None]).sum(-1) + (mw[None] * (dx * xq.double().sum(-1))[:, None]).sum(-1)
+    if bias is not None:
+        out = out + bias.double()
+    return out.to(x.dtype).view(*shape[:-1], -1)

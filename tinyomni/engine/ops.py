@@ -1,0 +1,69 @@
+"""Which kernels run: the C++ ones when built and supported here, else the plain-PyTorch references.
+
+`kernel_path()` says which (and why not the fast one); `use_reference()` switches to the references
+at run time (tests, debugging), as the environment variable TINYOMNI_ENGINE=reference does at start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from tinyomni.engine.build import load_extension
+from tinyomni.engine.kernels.int4 import reference as int4_ref
+from tinyomni.engine.kernels.int8 import reference as int8_ref
+
+_extension, _reason = load_extension()
+_forced_reference = False
+
+# The callables QuantLinear.forward uses; rebound by use_reference(). Eager calls go straight to the
+# pybind11 functions (the least per-call overhead); compiled graphs use torch.ops.tinyomni.*.
+int4_linear: Callable[..., Tensor] = int4_ref.linear
+int8_linear: Callable[..., Tensor] = int8_ref.linear
+
+
+def _bind() -> None:
+    global int4_linear, int8_linear
+    if _extension is not None and not _forced_reference:
+        int4_linear, int8_linear = _extension.int4_linear, _extension.int8_linear
+    else:
+        int4_linear, int8_linear = int4_ref.linear, int8_ref.linear
+
+
+def kernel_path() -> str:
+    """"cpp-avx512-vnni" when the C++ kernels are in use, else "pytorch-reference (why)"."""
+    if _extension is not None and not _forced_reference:
+        return "cpp-avx512-vnni"
+    return f"pytorch-reference ({'use_reference(True)' if _extension is not None else _reason})"
+
+
+def has_extension() -> bool:
+    """Whether the C++ kernels are built and loadable on this CPU (whatever use_reference says)."""
+    return _extension is not None
+
+
+def use_reference(flag: bool = True) -> None:
+    """Force (or stop forcing) the plain-PyTorch reference kernels for every quantized layer."""
+    global _forced_reference
+    _forced_reference = flag
+    _bind()
+
+
+def extension():
+    """The loaded C++ module (None when unavailable), for tests that call the kernels directly."""
+    return _extension
+
+
+if _extension is not None:
+    # Shapes for torch.compile's tracing of the registered ops (the kernels themselves are C++).
+    @torch.library.register_fake("tinyomni::int4_linear")
+    def _int4_fake(x, qweight, scales, mins, bias, in_features, out_features, passes):
+        return x.new_empty(*x.shape[:-1], out_features)
+
+    @torch.library.register_fake("tinyomni::int8_linear")
+    def _int8_fake(x, qweight, scales, bias, in_features, out_features, passes):
+        return x.new_empty(*x.shape[:-1], out_features)
+
+_bind()
