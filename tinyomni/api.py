@@ -160,6 +160,9 @@ class Model:
                weights_dtype: torch.dtype | str | None = None) -> None:
         """The checkpoint's files into the (empty) directory `tmp`; `save` makes that atomic."""
         config = self.config
+        # A fine-tuned whole model (config.base_model) stores only what differs from its base, unless
+        # told to store everything.
+        relative = config.base_model is not None and store_decoder is not True
         if store_decoder is None:
             store_decoder = config.base_decoder is None or self.decoder_modified
         state = self.model.state_dict()
@@ -168,11 +171,15 @@ class Model:
         # LoRA layers (see model/lora.py) are kept apart as an adapter, so a base decoder stays a reference.
         adapter = lora.adapter_config(self.model)
         adapter_state = {k: state.pop(k) for k in list(state) if lora.is_lora_key(k)}
-        if not store_decoder:
+        if relative:
+            state = _changed_tensors(state, config.base_model)
+        elif not store_decoder:
             if config.base_decoder is None:
                 raise InputError("store_decoder=False needs config.base_decoder to say where the decoder comes from")
             state = native.split_decoder(state, load_base_decoder(config.base_decoder).config.vocab_size)
-        saved_config = dataclasses.replace(config, base_decoder=None if store_decoder else config.base_decoder)
+        saved_config = dataclasses.replace(
+            config, base_decoder=None if store_decoder or relative else config.base_decoder,
+            base_model=config.base_model if relative else None)
         cast = None if weights_dtype is None else _dtype(weights_dtype)
 
         saved_config.save(tmp / native.CONFIG_FILE)
@@ -187,8 +194,6 @@ class Model:
 
     def info(self, image_size: tuple[int, int] | None = None) -> dict[str, Any]:
         """Parameters per part, context length, and tokens an image of `image_size` (w, h) costs."""
-        from tinyomni.processing.image import count_tiles
-
         config = self.config
         facts: dict[str, Any] = {
             "name": self.name,
@@ -201,11 +206,20 @@ class Model:
             facts["tokens_per_tile"] = config.image_tokens_per_tile
             facts["max_tiles"] = config.max_tiles
             facts["use_thumbnail"] = config.use_thumbnail
-            if image_size is not None:
-                tiles = count_tiles(image_size[0], image_size[1], config.vision.image_size, config.min_tiles,
-                                    config.max_tiles, config.use_thumbnail)
-                facts["image"] = {"size": list(image_size), "tiles": tiles,
-                                  "tokens": tiles * config.image_tokens_per_tile + (2 if config.image_wrap else 0)}
+            if image_size is not None:  # counted by the processor itself, so every family's layout is right
+                from PIL import Image
+
+                from tinyomni.processing.image import DEFAULT_MAX_PIXELS
+
+                if not (0 < image_size[0] * image_size[1] <= DEFAULT_MAX_PIXELS) or min(image_size) < 1:
+                    raise InputError(f"image size {image_size[0]}x{image_size[1]} is outside what an image may be "
+                                     f"(1 to {DEFAULT_MAX_PIXELS:,} pixels)")
+                question = {"type": "text", "text": "?"}
+                with_image = self.prepare([{"role": "user", "content": [
+                    {"type": "image", "image": Image.new("RGB", image_size)}, question]}])
+                without = self.prepare([{"role": "user", "content": [question]}])
+                facts["image"] = {"size": list(image_size), "tiles": int(with_image.pixel_values.shape[0]),
+                                  "tokens": len(with_image.input_ids) - len(without.input_ids)}
         if config.audio is not None:
             from tinyomni.model.audio import audio_output_length
 
@@ -233,8 +247,12 @@ def load(path_or_id: str | Path | None = None, device: str | torch.device = "cpu
                                   "reinstall tinyomni, or train it: tinyomni train recipes/tinyomni-world.toml")
     if path.is_dir() and (path / native.CONFIG_FILE).is_file() and _model_type(path) == "tinyomni":
         name = REFERENCE_MODEL if path == REFERENCE_MODEL_DIR else str(path)
-        base = native.read_config(path).base_decoder
-        if base is None and not (path / lora.ADAPTER_CONFIG).is_file():
+        saved = native.read_config(path)
+        base = saved.base_decoder
+        if saved.base_model is not None:  # a fine-tuned whole model: its base, what changed, its adapter
+            sources = [path, *_model_sources(_base_model_spec(path, saved.base_model), path)]
+            model = _cached(sources, dtype, lambda: _load_native(path, name))
+        elif base is None and not (path / lora.ADAPTER_CONFIG).is_file():
             model = _load_native(path, name)  # already one safetensors read: nothing to cache
         else:  # a GGUF base to dequantize, an adapter to merge: built once, then read from the cache
             model = _cached([path, *_base_sources(base)], dtype, lambda: _load_native(path, name))
@@ -396,7 +414,7 @@ def _cached(sources: list[Path], dtype: torch.dtype, build: Any) -> Model:
         except (CheckpointError, OSError, ValueError, KeyError):
             pass  # a damaged entry is built again and replaced
     model = build().to(dtype=dtype)
-    info = {"name": str(model.name), "base_decoder": model.config.base_decoder,
+    info = {"name": str(model.name), "base_decoder": model.config.base_decoder, "base_model": model.config.base_model,
             "decoder_modified": model.decoder_modified, "encoders_trained": model.encoders_trained}
     cache.store(key, lambda tmp: model._write(tmp, store_decoder=True), info)
     return model
@@ -408,6 +426,7 @@ def _load_cache_entry(entry: Path) -> Model:
     info = cache.read_info(entry)
     loaded = _load_native(entry, info["name"])  # a complete checkpoint: read, not built
     loaded.config.base_decoder = info["base_decoder"]  # saving again stores only what the base lacks
+    loaded.config.base_model = info.get("base_model")
     loaded.decoder_modified = info["decoder_modified"]
     loaded.encoders_trained = info["encoders_trained"]
     return loaded
@@ -440,18 +459,24 @@ def _load_native(path: Path, name: str | None = None) -> Model:
     template = _read_template(path)
     merged = (path / lora.ADAPTER_CONFIG).is_file()
     tied = config.decoder.tie_word_embeddings
-    if config.base_decoder is None and not merged:  # every tensor is in the file: nothing to initialise
+    if config.base_model is not None:  # the base's own model, with the tensors training changed put in
+        spec = _base_model_spec(path, config.base_model)
+        model = _load_base_model(path, spec).model
+        model.config.base_model = spec  # resolved, so saving again elsewhere still finds the base
+        native.check_state(model, state, str(path), allow_missing=lambda k: True)
+        model.load_state_dict(state, strict=False)
+    elif config.base_decoder is None and not merged:  # every tensor is in the file: nothing to initialise
         model = assemble(config, state, str(path))
     else:
         with _seeded(0):
             model = OmniModel(config)
-    if config.base_decoder is not None:
+    if config.base_decoder is not None and config.base_model is None:  # saving never writes both
         base = load_base_decoder(config.base_decoder)
         _load_decoder_weights(model, base, state.pop(native.ADDED_ROWS, None))
         own = {k for k in model.state_dict() if not k.startswith("language_model.")}
         native.check_state(model, state, str(path), allow_missing=lambda k: k not in own)
         model.load_state_dict(state, strict=False)
-    elif merged:
+    elif merged and config.base_model is None:
         native.check_state(model, state, str(path),
                            allow_missing=lambda k: tied and k == "language_model.lm_head.weight")
         model.load_state_dict(state, strict=False)
@@ -469,6 +494,56 @@ def _load_native(path: Path, name: str | None = None) -> Model:
     loaded.decoder_modified = merged
     loaded.generation_defaults = native.read_generation_config(path)
     return loaded
+
+
+def _base_model_spec(checkpoint: Path, spec: str) -> str:
+    """A checkpoint's `base_model` as `load` takes it: a relative path names the checkpoint's
+    neighbour when there is one there (a checkpoint shipped beside its base), else it stays as written
+    (a path from where Python runs, "tinyomni-world", a hub id)."""
+    beside = checkpoint / spec
+    if not Path(spec).expanduser().is_absolute() and beside.exists():
+        return str(beside.resolve())
+    return spec
+
+
+def _model_sources(spec: str, checkpoint: Path) -> list[Path]:
+    """The files a base model is read from (what a cached build on top of it depends on), or a
+    CheckpointError naming the base when it is not there."""
+    if spec == "smollm2" or spec.endswith(".gguf"):
+        return _base_sources(spec)
+    path = Path(spec).expanduser()
+    if spec == REFERENCE_MODEL and not path.exists():
+        path = REFERENCE_MODEL_DIR
+    if path.is_dir() and (path / native.CONFIG_FILE).is_file() and _model_type(path) == "tinyomni":
+        config = native.read_config(path)
+        deeper = [] if config.base_model is None else _model_sources(_base_model_spec(path, config.base_model), path)
+        return [path, *_base_sources(config.base_decoder), *deeper]
+    if path.exists():
+        return [path]
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return [_download(spec)]
+    raise CheckpointError(f"{checkpoint}: its base model {spec!r} (config.json base_model) is not there "
+                          f"(looked beside the checkpoint, {checkpoint / spec}, and at {path.resolve()}); "
+                          "put the base back, or set base_model to where it is now")
+
+
+def _load_base_model(checkpoint: Path, spec: str) -> Model:
+    """The base of a fine-tuned checkpoint, in float32; a CheckpointError names it when it will not load."""
+    _model_sources(spec, checkpoint)  # a missing base fails here, naming the checkpoint that needs it
+    try:
+        return load(spec)
+    except CheckpointError as e:
+        raise CheckpointError(f"{checkpoint}: its base model {spec!r} (config.json base_model) "
+                              f"does not load: {e}") from None
+
+
+def _changed_tensors(state: dict[str, torch.Tensor], base_spec: str) -> dict[str, torch.Tensor]:
+    """The tensors of `state` that its base model (loaded again, from `base_spec`) lacks or holds
+    other values for: what training changed. Frozen weights kept in bf16 during training equal the
+    base's cast to bf16, so they count as unchanged."""
+    base = load(base_spec).model.state_dict()
+    return {k: v for k, v in state.items()
+            if k not in base or base[k].shape != v.shape or not torch.equal(v.detach().cpu(), base[k].to(v.dtype))}
 
 
 def _read_template(path: Path) -> str | None:

@@ -17,6 +17,7 @@ contrastive pairs.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
@@ -50,7 +51,14 @@ class RecordSource:
         self.records: list[dict[str, Any]] | None = None
         self.root: Path | None = None
         self.replay = None if spec.replay is None else RecordSource(DataSpec(jsonl=spec.replay, seed=spec.seed))
-        if spec.jsonl is not None:
+        if spec.llava is not None:
+            path = Path(spec.llava)
+            if not path.is_file():
+                raise InputError(f"training data not found: {path}")
+            self.records, self.root = read_llava(path), Path(spec.image_folder or path.parent)
+            if not self.records:
+                raise InputError(f"{path} has no records")
+        elif spec.jsonl is not None:
             from tinyomni.world.writers import read_records
 
             path = Path(spec.jsonl)
@@ -222,6 +230,9 @@ def extra_turns(record: dict[str, Any], k: int, split: str, seed: str) -> list[d
 def record_messages(record: dict[str, Any], root: Path | None) -> list[dict[str, Any]]:
     """Chat messages of a record: its own `messages` (any number of turns and media, OpenAI style,
     media paths relative to the JSONL), or a task/world record's question and answer."""
+    # World records carry LLaVA `conversations` too, but their own question/answer fields come first.
+    if "conversations" in record and "messages" not in record and "answers" not in record:
+        return llava_messages(record, root)
     if "messages" not in record:
         from tinyomni.world.generator import messages
 
@@ -232,6 +243,65 @@ def record_messages(record: dict[str, Any], root: Path | None) -> list[dict[str,
         if isinstance(content, list) and root is not None:
             content = [_resolve_part(part, root) for part in content]
         out.append({**message, "content": content})
+    return out
+
+
+# --- LLaVA instruction-tuning data ----------------------------------------------------------------
+
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+LLAVA_IMAGE = "<image>"
+
+
+def read_llava(path: Path) -> list[dict[str, Any]]:
+    """The records of a LLaVA-format file: a JSON list (LLaVA's llava_v1_5_mix665k.json) or JSONL."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path} is neither a JSON list nor JSONL: {e}") from None
+    if isinstance(data, dict):  # a JSONL file of one record
+        data = [data]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise InputError(f"{path} must hold a list of records")
+    return data
+
+
+def llava_messages(record: dict[str, Any], root: Path | None) -> list[dict[str, Any]]:
+    """Chat messages of a LLaVA record: "human"/"gpt" turns, each `<image>` in a value replaced by the
+    record's next image (LLaVA writes "<image>\n" before the question; the newline is ours to add).
+    A record with images but no `<image>` mark gets them before the first human turn, as LLaVA does."""
+    where = record.get("id", "record")
+    images = record.get("image")
+    images = [] if images is None else [images] if isinstance(images, str) else list(images)
+    turns = record["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise InputError(f"{where}: `conversations` must be a non-empty list of {{from, value}} turns")
+    marks = sum(str(t.get("value", "")).count(LLAVA_IMAGE) for t in turns if isinstance(t, dict))
+    if marks not in (0, len(images)):
+        raise InputError(f"{where}: {marks} {LLAVA_IMAGE} mark(s) for {len(images)} image(s)")
+    resolved = [str(root / i) if root is not None and not Path(i).is_absolute() else i for i in images]
+    pending = iter(resolved)
+    out = []
+    for turn in turns:
+        if not isinstance(turn, dict) or turn.get("from") not in LLAVA_ROLES or not isinstance(turn.get("value"), str):
+            raise InputError(f"{where}: each turn needs `from` ({', '.join(LLAVA_ROLES)}) and a string `value`")
+        role, value = LLAVA_ROLES[turn["from"]], turn["value"]
+        if not marks and resolved and role == "user" and not any(m["role"] == "user" for m in out):
+            value = LLAVA_IMAGE * len(resolved) + value
+        if LLAVA_IMAGE not in value:
+            out.append({"role": role, "content": value})
+            continue
+        content: list[dict[str, Any]] = []
+        for k, piece in enumerate(value.split(LLAVA_IMAGE)):
+            if k:
+                content.append({"type": "image", "image": next(pending)})
+            piece = piece.strip()
+            if piece:
+                content.append({"type": "text", "text": piece})
+        out.append({"role": role, "content": content})
     return out
 
 

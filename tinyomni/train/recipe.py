@@ -3,6 +3,7 @@
     name = "toy"
     [model]                      # what to start from
     base = "smollm2"             # "smollm2" | a .gguf | a HF dir (new encoders) | a tinyomni checkpoint | "tiny"
+    # from = "DIR"               # or a whole model to fine-tune as it is (an InternVL dir, anything load takes)
     [run]                        # where and how: out dir, checkpoints, logging, precision
     out = "runs/toy"
     [eval]                       # periodic evaluation through the eval harness (every = 0: off)
@@ -45,6 +46,10 @@ class ModelSpec:
     audio: dict[str, Any] = field(default_factory=dict)  # AudioConfig fields (new encoders only)
     config: dict[str, Any] = field(default_factory=dict)  # other OmniConfig fields: max_tiles, use_thumbnail, ...
     seed: int = 0  # initialisation of the new parts
+    # `from` in a recipe: a whole model to fine-tune as it is (an imported InternVL or LLaVA directory, a
+    # tinyomni checkpoint, a hub id: anything tinyomni.load takes), in place of `base` and new encoders.
+    # The final checkpoint then stores only what training changed, with `base_model` naming this.
+    from_: str | None = None
 
 
 @dataclass
@@ -58,6 +63,11 @@ class DataSpec:
     # A task/world JSONL instead of the world (cycled, reshuffled every epoch); for a dpo stage, preference
     # records (prompt, chosen, rejected; `tinyomni world preferences` makes them from a model's mistakes).
     jsonl: str | None = None
+    # LLaVA instruction-tuning data instead: a JSON list (or JSONL) of {"id", "image" (a path or a list),
+    # "conversations": [{"from": "human", "value": "<image>\nQuestion"}, {"from": "gpt", "value": ...}]},
+    # with images relative to `image_folder` (LLaVA's --image_folder; default: the file's folder).
+    llava: str | None = None
+    image_folder: str | None = None
     # Chat stages: up to this many more questions about the same picture, as further turns, for world
     # records of a single scene of shapes (colour, shape, count, presence; see world.skills.scene_questions).
     extra_questions: int = 0
@@ -146,6 +156,9 @@ class StageSpec:
         _require(self.tag_loss >= 0, f"{where}.tag_loss must be >= 0")
         _require(self.kind == "contrastive" or not self.tag_loss, f"{where}.tag_loss is for contrastive stages")
         _require(self.data.extra_questions >= 0, f"{where}.data.extra_questions must be >= 0")
+        _require(self.data.jsonl is None or self.data.llava is None, f"{where}.data: jsonl or llava, not both")
+        _require(self.data.image_folder is None or self.data.llava is not None,
+                 f"{where}.data.image_folder goes with data.llava")
         _require(0.0 <= self.data.replay_fraction < 1.0, f"{where}.data.replay_fraction must be in [0, 1)")
         _require((self.data.replay is None) == (self.data.replay_fraction == 0.0),
                  f"{where}.data: replay and replay_fraction go together")
@@ -239,9 +252,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     for stage in recipe.stages:  # data files named relative to the recipe, wherever it is run from
-        for name in ("jsonl", "replay"):
+        for name in ("jsonl", "replay", "llava", "image_folder"):
             value = getattr(stage.data, name)
-            if value is not None and not Path(value).is_absolute() and (path.parent / value).is_file():
+            if value is not None and not Path(value).is_absolute() and (path.parent / value).exists():
                 setattr(stage.data, name, str(path.parent / value))
     return recipe
 
@@ -260,8 +273,12 @@ def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
         if "betas" in s:
             s["betas"] = tuple(s["betas"])
         stages.append(_build(StageSpec, {**s, **sub}, where))
+    model = raw.pop("model", {})
+    if isinstance(model, dict) and "from" in model:  # `from` is the recipe's word, a Python keyword: the field is from_
+        model = {**model, "from_": model["from"]}
+        del model["from"]
     recipe = Recipe(
-        model=_build(ModelSpec, raw.pop("model", {}), "model"),
+        model=_build(ModelSpec, model, "model"),
         run=_build(RunSpec, raw.pop("run", {}), "run"),
         eval=_build(EvalSpec, raw.pop("eval", {}), "eval"),
         stages=stages,

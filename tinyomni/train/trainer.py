@@ -64,6 +64,15 @@ def build_model(recipe: Recipe) -> api.Model:
     """The starting model of a recipe, built the same way every time (seeded), so a resumed run can
     rebuild it and load only what training changed."""
     spec = recipe.model
+    if spec.from_ is not None:
+        if spec.vision or spec.audio or spec.config:
+            raise ConfigError("model.vision / audio / config apply to new encoders, not to a model given by model.from")
+        model = api.load(spec.from_)
+        # What the final checkpoint refers to: a local base by its absolute path, so the run's model
+        # loads from anywhere; a name or hub id as it is.
+        local = Path(spec.from_).expanduser()
+        model.config.base_model = str(local.resolve()) if local.exists() else spec.from_
+        return model
     if spec.base == "tiny":
         return api.tiny_random_model(seed=spec.seed)
     path = Path(spec.base).expanduser()
@@ -710,6 +719,8 @@ class Trainer:
         config = model.config
         decoder_trained = any(n.startswith("language_model.") for n in self.trained)
         store = config.base_decoder is None or decoder_trained or (lora_mode == "merged" and self._had_lora())
+        if config.base_model is not None:  # a fine-tuned whole model: only what differs from it (api.Model.save)
+            store = False
         model.model.eval()
         return model.save(self.out / MODEL_DIR, store_decoder=store)
 
