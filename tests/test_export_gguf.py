@@ -125,3 +125,22 @@ def test_an_unmerged_adapter_is_exported_merged(tmp_path):
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
         assert torch.equal(state[name], want[name])
         assert not torch.equal(state[name], model.model.language_model.state_dict()[name])  # base weight alone differs
+
+
+def test_llama_cpp_runs_the_export_and_answers_the_same(tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")  # a benchmark peer, not a dependency (docs/benchmarks.md)
+    model = variant(tie=False, seed=4)
+    path = export_gguf(model, tmp_path / "m.gguf", "f32")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, verbose=False)
+    try:
+        for question in ("What is 2+2?", "Name a colour."):
+            ids = model.prepare(question).input_ids
+            ours = model.complete(question, max_new_tokens=12, max_repeat_tokens=0, ignore_eos=True)
+            theirs = []
+            for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+                theirs.append(token)
+                if len(theirs) == 12:
+                    break
+            assert theirs == ours.token_ids  # greedy ids, so a split UTF-8 character cannot blur the match
+    finally:
+        llm.close()

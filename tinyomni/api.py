@@ -71,6 +71,7 @@ class Model:
         # Default sampling settings (a checkpoint's generation_config.json); every front end starts from
         # these and a caller's own values win.
         self.generation_defaults: dict[str, Any] = {}
+        self.quantization: str | None = None  # "int8" / "int4" once the engine has swapped the decoder's linears
         self.processor = ChatProcessor(tokenizer, model.config, chat_template)
         self.chat_template = self.processor.chat_template
         model.image_token_id = self.processor.image_context_id
@@ -159,6 +160,9 @@ class Model:
     def _write(self, tmp: Path, store_decoder: bool | None = None,
                weights_dtype: torch.dtype | str | None = None) -> None:
         """The checkpoint's files into the (empty) directory `tmp`; `save` makes that atomic."""
+        if self.quantization is not None:
+            raise InputError(f"this model is quantized ({self.quantization}) for inference; save the float "
+                             "model and quantize when loading it (tinyomni.load(..., quantize=...))")
         config = self.config
         # A fine-tuned whole model (config.base_model) stores only what differs from its base, unless
         # told to store everything.
@@ -233,12 +237,19 @@ class Model:
 
 
 # --- loading ---------------------------------------------------------------------------------------
+QUANTIZE_MODES = ("int8", "int4")
+
+
 def load(path_or_id: str | Path | None = None, device: str | torch.device = "cpu",
-         dtype: torch.dtype | str = torch.float32) -> Model:
+         dtype: torch.dtype | str = torch.float32, quantize: str | None = None) -> Model:
     """Load a model: "tinyomni-world" (the default), a checkpoint directory, "smollm2", a .gguf file, a
-    HF directory, or a hub id."""
+    HF directory, or a hub id. `quantize` ("int8" | "int4") swaps the decoder's linears (LM head
+    included) for the engine's weight-only quantized ones (tinyomni/engine), reading a GGUF base's
+    blocks as they are where the weights still match them."""
     spec = str(path_or_id or DEFAULT_MODEL)
     dtype = _dtype(dtype)
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise InputError(f"unknown quantize mode {quantize!r}; use one of {', '.join(QUANTIZE_MODES)}")
     path = Path(spec).expanduser()
     if spec == REFERENCE_MODEL and not path.exists():  # a folder of that name would win
         path = REFERENCE_MODEL_DIR
@@ -265,7 +276,13 @@ def load(path_or_id: str | Path | None = None, device: str | torch.device = "cpu
     else:
         raise CheckpointError(f"no model at {spec!r}: expected a checkpoint directory, 'smollm2', "
                               "a .gguf file, a Hugging Face directory or a hub id like 'org/name'")
-    return model.to(device, dtype)
+    model = model.to(device, dtype)
+    if quantize is not None:
+        from tinyomni.engine import quantize_model
+
+        quantize_model(model.model, quantize)
+        model.quantization = quantize
+    return model
 
 
 def _load_hf_dir(path: Path, spec: str) -> Model:

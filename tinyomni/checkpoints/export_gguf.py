@@ -59,6 +59,9 @@ def export_gguf(model: Model, path: str | Path, outtype: str = "f16") -> Path:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_rope_dimension_count(config.attn_head_dim)
+    if config.attn_head_dim * config.num_attention_heads != config.hidden_size:  # llama.cpp assumes equality
+        writer.add_key_length(config.attn_head_dim)  # unless told the head width
+        writer.add_value_length(config.attn_head_dim)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(FILE_TYPES[outtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -32,6 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     who.add_argument("--endpoint", help="an OpenAI-compatible server, e.g. http://localhost:8000/v1")
     who.add_argument("--baseline", choices=sorted(BASELINES), help="random guess (chance) or oracle (100 %%)")
     run.add_argument("--device", default="cpu", help="for a tinyomni model: cpu or cuda")
+    run.add_argument("--quantize", choices=["int8", "int4"], default=None,
+        help="weight-only int8/int4 decoder (the engine's CPU kernels)")
     run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                      help="for a tinyomni model")
     run.add_argument("--out", "-o", help="output folder (default runs/eval/<model>)")
@@ -96,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         import tinyomni
 
-        model = tinyomni.load(args.model, device=args.device, dtype=args.dtype)
+        model = tinyomni.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
         name = Path(args.model).name or args.model
     out = args.out or str(Path("runs") / "eval" / re.sub(r"[^A-Za-z0-9_.-]+", "_", name))
     summary = evaluate(model, items, out, model_name=name, config=config)

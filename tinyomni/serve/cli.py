@@ -28,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    "'smollm2', a .gguf file, a HF directory or a hub id")
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients pass (default: from --model)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+        help="weight-only int8/int4 decoder (the engine's CPU kernels)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="weights, activations and KV cache (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
@@ -99,7 +101,7 @@ def handler(args: argparse.Namespace) -> int:
             print(f"error: --allow-dir {d} is not a directory", file=sys.stderr)
             return 2
     try:
-        model = load(args.model, device=args.device, dtype=args.dtype)
+        model = load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     except TinyOmniError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

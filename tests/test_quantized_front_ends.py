@@ -1,0 +1,62 @@
+"""`quantize=` reaches every front end: the API, the CLI's --quantize, and the serving engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tinyomni
+from tinyomni.engine import QuantLinear
+from tinyomni.errors import InputError
+from tinyomni.generate import SamplingParams
+from tinyomni.serve.engine import Engine
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    model = tinyomni.tiny_random_model(seed=2)
+    with torch.no_grad():  # larger weights, so answers differ by prompt (as serve_support does)
+        for p in model.model.language_model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model.save(tmp_path_factory.mktemp("q") / "ckpt")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_load_quantizes_the_decoder_and_it_still_answers(checkpoint, mode):
+    model = tinyomni.load(checkpoint, quantize=mode)
+    assert model.quantization == mode
+    linears = [m for m in model.model.language_model.modules() if isinstance(m, QuantLinear)]
+    assert linears and all(m.kind == mode for m in linears)
+    assert not any(type(m) is torch.nn.Linear for m in model.model.language_model.modules())
+    float_model = tinyomni.load(checkpoint)
+    got = model.complete("hello", max_new_tokens=8, max_repeat_tokens=0)
+    want = float_model.complete("hello", max_new_tokens=8, max_repeat_tokens=0)
+    assert got.completion_tokens == 8
+    if mode == "int8":  # 8 bits keep this tiny model's greedy answer
+        assert got.token_ids == want.token_ids
+
+
+def test_a_quantized_model_is_not_saved_and_bad_modes_are_named(checkpoint, tmp_path):
+    model = tinyomni.load(checkpoint, quantize="int4")
+    with pytest.raises(InputError, match="quantized"):
+        model.save(tmp_path / "q")
+    with pytest.raises(InputError, match="int3"):
+        tinyomni.load(checkpoint, quantize="int3")
+
+
+def test_the_serving_engine_runs_quantized_models(checkpoint):
+    model = tinyomni.load(checkpoint, quantize="int8")
+    engine = Engine(model, max_batch=2).start()
+    try:
+        params = SamplingParams(max_new_tokens=6, max_repeat_tokens=0)
+        request = engine.submit(model.prepare("hello"), params)
+        assert "".join(request) == model.complete("hello", max_new_tokens=6, max_repeat_tokens=0).text
+    finally:
+        engine.close()
+
+
+def test_cli_quantize_flag(checkpoint, capsys):
+    from tinyomni.cli import main
+
+    assert main(["chat", "--model", str(checkpoint), "--quantize", "int4", "--max-new-tokens", "4", "hi"]) == 0
