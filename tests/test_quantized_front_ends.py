@@ -15,10 +15,11 @@ from tinyomni.serve.engine import Engine
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     model = tinyomni.tiny_random_model(seed=2)
+    generator = torch.Generator().manual_seed(0)  # the same weights whatever ran before
     with torch.no_grad():  # larger weights, so answers differ by prompt (as serve_support does)
         for p in model.model.language_model.parameters():
             if p.dim() == 2:
-                p.normal_(0, 0.2)
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
     return model.save(tmp_path_factory.mktemp("q") / "ckpt")
 
 
@@ -30,11 +31,13 @@ def test_load_quantizes_the_decoder_and_it_still_answers(checkpoint, mode):
     assert linears and all(m.kind == mode for m in linears)
     assert not any(type(m) is torch.nn.Linear for m in model.model.language_model.modules())
     float_model = tinyomni.load(checkpoint)
-    got = model.complete("hello", max_new_tokens=8, max_repeat_tokens=0)
-    want = float_model.complete("hello", max_new_tokens=8, max_repeat_tokens=0)
-    assert got.completion_tokens == 8
-    if mode == "int8":  # 8 bits keep this tiny model's greedy answer
-        assert got.token_ids == want.token_ids
+    assert model.complete("hello", max_new_tokens=8, max_repeat_tokens=0).completion_tokens == 8
+    ids = torch.tensor([model.prepare("hello there, how are you").input_ids])
+    with torch.no_grad():
+        got, want = model.model(ids)[0], float_model.model(ids)[0]
+    # Random weights are the worst case for 4 bits (the greedy-text checks on SmolLM2 are in test_quant.py);
+    # measured: int8 0.028, int4 0.45 relative error on this model.
+    assert ((got - want).norm() / want.norm()).item() < (0.05 if mode == "int8" else 0.6)
 
 
 def test_a_quantized_model_is_not_saved_and_bad_modes_are_named(checkpoint, tmp_path):
@@ -51,7 +54,7 @@ def test_the_serving_engine_runs_quantized_models(checkpoint):
     try:
         params = SamplingParams(max_new_tokens=6, max_repeat_tokens=0)
         request = engine.submit(model.prepare("hello"), params)
-        assert "".join(request) == model.complete("hello", max_new_tokens=6, max_repeat_tokens=0).text
+        assert "".join(request) == model.complete("hello", max_new_tokens=6, max_repeat_tokens=0).text  # same kernels
     finally:
         engine.close()
 

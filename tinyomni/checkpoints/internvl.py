@@ -321,6 +321,13 @@ def _decoder_config(text: dict[str, Any], where: str) -> DecoderConfig:
         arch = (text.get("architectures") or [model_type])[0]
         raise CheckpointError(f"{where}: InternVL with a {arch!r} language model is not supported "
                               f"(supported: {', '.join(TEXT_MODEL_TYPES)})")
+    return decoder_config(text, where)
+
+
+def decoder_config(text: dict[str, Any], where: str) -> DecoderConfig:
+    """A Llama / Qwen2 text config (model_type already checked) → DecoderConfig, refusing by name what
+    our decoder does not compute. Every family with such a decoder (InternVL, LLaVA, SmolVLM) uses it."""
+    model_type = text.get("model_type")
     problems = []
     if text.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {text['hidden_act']!r} (only silu)")

@@ -25,7 +25,6 @@ What is read, from the checkpoint's own files only:
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,6 @@ import torch
 
 from tinyomni.checkpoints import hf_vision
 from tinyomni.checkpoints.families import Imported, read_hf_config
-from tinyomni.checkpoints.hf_llama import decoder_config_from_hf
 from tinyomni.checkpoints.internvl import (
     DECODER_LAYER_NAMES,
     DECODER_NAMES,
@@ -43,6 +41,8 @@ from tinyomni.checkpoints.internvl import (
     OUR_PREFIX,
     Weights,
     _check_complete,  # the same completeness check as InternVL's: every tensor, with its shape
+    _json,
+    decoder_config,
     read_chat_template,
 )
 from tinyomni.config import ACTIVATIONS, DecoderConfig, OmniConfig, ProjectorConfig, VisionConfig
@@ -106,16 +106,6 @@ LLAVA_TEMPLATE = (
 )
 
 
-def _json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is unreadable: {e}") from None
-    return data if isinstance(data, dict) else {}
-
-
 # --- config --------------------------------------------------------------------------------------------
 def _decoder_config(text: dict[str, Any], where: str) -> DecoderConfig:
     """text_config → DecoderConfig, refusing what our decoder does not compute."""
@@ -124,23 +114,7 @@ def _decoder_config(text: dict[str, Any], where: str) -> DecoderConfig:
         raise CheckpointError(f"{where}: LLaVA with a {model_type!r} language model is not supported "
                               f"(supported: {', '.join(TEXT_DEFAULTS)})")
     text = {**TEXT_DEFAULTS[model_type], **{k: v for k, v in text.items() if v is not None}, "model_type": model_type}
-    problems = []
-    if text["hidden_act"] != "silu":
-        problems.append(f"hidden_act {text['hidden_act']!r} (only silu)")
-    if text.get("mlp_bias"):
-        problems.append("mlp_bias true")
-    if model_type == "llama" and text.get("attention_bias"):
-        problems.append("attention_bias true for Llama (its o_proj bias)")
-    if text.get("use_sliding_window"):
-        problems.append("use_sliding_window true")
-    if problems:
-        raise CheckpointError(f"{where}: unsupported text_config value(s): {'; '.join(problems)}")
-    try:
-        config = decoder_config_from_hf(text)
-        config.validate()
-    except ConfigError as e:
-        raise CheckpointError(f"{where}: text_config does not fit tinyomni: {e}") from None
-    return config
+    return decoder_config(text, where)
 
 
 def _vision_config(hf: dict[str, Any], where: str) -> tuple[VisionConfig, str]:
