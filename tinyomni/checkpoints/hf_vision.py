@@ -276,6 +276,16 @@ def _our_name(name: str, mapping: VisionMapping) -> str | None:
     raise KeyError(name)
 
 
+def tower_name(name: str, model_type: str) -> str | None:
+    """One tower-relative checkpoint name → ours by `model_type`'s table; "" for a part the table
+    drops (pooling heads), None for a name it does not know (the caller reports those together)."""
+    try:
+        plan = plan_hf_vision_names([name], model_type)
+    except CheckpointError:
+        return None
+    return plan.get(name, "")
+
+
 def plan_hf_vision_names(keys: Iterable[str], model_type: str) -> dict[str, str]:
     """{checkpoint key: our key} for every key that belongs to the vision tower and that we use.
 

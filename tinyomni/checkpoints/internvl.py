@@ -248,12 +248,7 @@ def _convert(weights: Weights, layout: dict[str, str], vision_names: Callable[[s
 
 
 def _hf_vision_name(name: str) -> str | None:
-    """Tower-relative -hf name → ours by hf_vision's InternVL table; "" for a part we drop, None if unknown."""
-    try:
-        plan = hf_vision.plan_hf_vision_names([name], "internvl")
-    except CheckpointError:  # a name the table does not know; reported with the others
-        return None
-    return plan.get(name, "")
+    return hf_vision.tower_name(name, "internvl")
 
 
 def _chat_vision_name(name: str) -> str | None:
@@ -324,6 +319,24 @@ def _decoder_config(text: dict[str, Any], where: str) -> DecoderConfig:
     return decoder_config(text, where)
 
 
+def check_pixel_settings(settings: dict[str, Any], vision: VisionConfig, problems: list[str], where: str,
+                         flags: tuple[str, ...]) -> None:
+    """The checks every family's image processor shares (the `flags` on, rescale by 1/255, a 3-value
+    mean/std); raise with `problems` and these found, else put mean/std into `vision`."""
+    for flag in flags:
+        if settings[flag] is not True:
+            problems.append(f"{flag} {settings[flag]}")
+    if abs(float(settings["rescale_factor"]) - 1 / 255) > 1e-12:
+        problems.append(f"rescale_factor {settings['rescale_factor']} (only 1/255)")
+    mean, std = settings["image_mean"], settings["image_std"]
+    if not (isinstance(mean, list | tuple) and isinstance(std, list | tuple) and len(mean) == len(std) == 3):
+        problems.append(f"image_mean {mean} / image_std {std} (3 values each)")
+    if problems:
+        raise CheckpointError(f"{where}: unsupported image processor setting(s): {'; '.join(problems)}")
+    vision.image_mean = tuple(float(m) for m in mean)  # type: ignore[assignment]
+    vision.image_std = tuple(float(v) for v in std)  # type: ignore[assignment]
+
+
 def decoder_config(text: dict[str, Any], where: str) -> DecoderConfig:
     """A Llama / Qwen2 text config (model_type already checked) → DecoderConfig, refusing by name what
     our decoder does not compute. Every family with such a decoder (InternVL, LLaVA, SmolVLM) uses it."""
@@ -381,18 +394,8 @@ def _processing_fields(path: Path, vision: VisionConfig, where: str) -> dict[str
     # Our tiles are resized with Pillow's bicubic filter, as transformers' PIL backend does (resample 3).
     if settings["resample"] != 3:
         problems.append(f"resample {settings['resample']} (only 3, bicubic)")
-    for flag in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
-        if settings[flag] is not True:
-            problems.append(f"{flag} {settings[flag]}")
-    if abs(settings["rescale_factor"] - 1 / 255) > 1e-12:
-        problems.append(f"rescale_factor {settings['rescale_factor']} (only 1/255)")
-    mean, std = settings["image_mean"], settings["image_std"]
-    if not (isinstance(mean, list | tuple) and isinstance(std, list | tuple) and len(mean) == len(std) == 3):
-        problems.append(f"image_mean {mean} / image_std {std} (3 values each)")
-    if problems:
-        raise CheckpointError(f"{where}: unsupported image processor setting(s): {'; '.join(problems)}")
-    vision.image_mean = tuple(float(m) for m in mean)  # type: ignore[assignment]
-    vision.image_std = tuple(float(s) for s in std)  # type: ignore[assignment]
+    check_pixel_settings(settings, vision, problems, where,
+                         ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"))
     # InternVLProcessor passes crop_to_patches=True to its image processor by default, whatever the
     # image processor's own config says (measured with transformers 5.24: a preprocessor_config.json
     # with "crop_to_patches": false still gives tiles + thumbnail), so tiles are always on.

@@ -42,6 +42,7 @@ from tinyomni.checkpoints.internvl import (
     Weights,
     _check_complete,  # the same completeness check as InternVL's: every tensor, with its shape
     _json,
+    check_pixel_settings,
     decoder_config,
     read_chat_template,
 )
@@ -198,18 +199,7 @@ def _processing_fields(found: dict[str, Any], vision: VisionConfig, where: str) 
         problems.append(f"size {size} (a shortest_edge, or height = width = {tile}, the tower's image_size)")
     if s["resample"] != 3:  # our resizes are Pillow's bicubic, as transformers' PIL backend with resample 3
         problems.append(f"resample {s['resample']} (only 3, bicubic)")
-    for flag in ("do_rescale", "do_normalize", "do_convert_rgb"):
-        if s[flag] is not True:
-            problems.append(f"{flag} {s[flag]}")
-    if abs(float(s["rescale_factor"]) - 1 / 255) > 1e-12:
-        problems.append(f"rescale_factor {s['rescale_factor']} (only 1/255)")
-    mean, std = s["image_mean"], s["image_std"]
-    if not (isinstance(mean, list | tuple) and isinstance(std, list | tuple) and len(mean) == len(std) == 3):
-        problems.append(f"image_mean {mean} / image_std {std} (3 values each)")
-    if problems:
-        raise CheckpointError(f"{where}: unsupported image processor setting(s): {'; '.join(problems)}")
-    vision.image_mean = tuple(float(m) for m in mean)  # type: ignore[assignment]
-    vision.image_std = tuple(float(v) for v in std)  # type: ignore[assignment]
+    check_pixel_settings(s, vision, problems, where, ("do_rescale", "do_normalize", "do_convert_rgb"))
     return fields
 
 

@@ -34,7 +34,15 @@ import torch
 
 from tinyomni.checkpoints import hf_vision
 from tinyomni.checkpoints.families import Imported, read_hf_config
-from tinyomni.checkpoints.internvl import DROPPED, HEAD_NAMES, OUR_PREFIX, Weights, _check_complete, read_chat_template
+from tinyomni.checkpoints.internvl import (
+    DROPPED,
+    HEAD_NAMES,
+    OUR_PREFIX,
+    Weights,
+    _check_complete,
+    check_pixel_settings,
+    read_chat_template,
+)
 from tinyomni.checkpoints.llava import _decoder_config, _decoder_name, _json, _processor_files, _tokenizer
 from tinyomni.config import OmniConfig, ProjectorConfig, VisionConfig
 from tinyomni.errors import CheckpointError, ConfigError
@@ -122,18 +130,7 @@ def _processing_fields(found: dict[str, Any], vision: VisionConfig, where: str) 
                         "the tower's image_size)")
     if s["resample"] != 1:  # our resizes are Pillow's Lanczos, as transformers' PIL backend with resample 1
         problems.append(f"resample {s['resample']} (only 1, Lanczos)")
-    for flag in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
-        if s[flag] is not True:
-            problems.append(f"{flag} {s[flag]}")
-    if abs(float(s["rescale_factor"]) - 1 / 255) > 1e-12:
-        problems.append(f"rescale_factor {s['rescale_factor']} (only 1/255)")
-    mean, std = s["image_mean"], s["image_std"]
-    if not (isinstance(mean, list | tuple) and isinstance(std, list | tuple) and len(mean) == len(std) == 3):
-        problems.append(f"image_mean {mean} / image_std {std} (3 values each)")
-    if problems:
-        raise CheckpointError(f"{where}: unsupported image processor setting(s): {'; '.join(problems)}")
-    vision.image_mean = tuple(float(m) for m in mean)  # type: ignore[assignment]
-    vision.image_std = tuple(float(v) for v in std)  # type: ignore[assignment]
+    check_pixel_settings(s, vision, problems, where, ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"))
     return {"image_resize": "longest_edge", "image_longest_edge": longest,
             "image_splitting": bool(s["do_image_splitting"])}
 
@@ -155,12 +152,7 @@ def _token_names(path: Path, reads_tokenizer: bool) -> dict[str, str]:
 
 # --- weights ---------------------------------------------------------------------------------------------
 def _tower_name(name: str) -> str | None:
-    """Tower-relative name → ours by hf_vision's SigLIP table; "" for a part it drops, None if unknown."""
-    try:
-        plan = hf_vision.plan_hf_vision_names([name], "siglip")
-    except CheckpointError:  # a name the table does not know; reported with the others
-        return None
-    return plan.get(name, "")
+    return hf_vision.tower_name(name, "siglip")
 
 
 def _convert(weights: Weights, where: str) -> dict[str, torch.Tensor]:
