@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tinyomni.engine.kernels.activations import QK, quantize_activations
+from tinyomni.engine.kernels import blocks as shared
+from tinyomni.engine.kernels.activations import QK
+from tinyomni.engine.kernels.blocks import dequantize_codes
 
 ROWS = 16  # rows per interleaved group
 
@@ -62,13 +64,6 @@ def unpack(qweight: Tensor, scales: Tensor, mins: Tensor, out_features: int) -> 
     return codes, gather(scales), gather(mins)
 
 
-def dequantize_codes(codes: Tensor, scales: Tensor, mins: Tensor, in_features: int) -> Tensor:
-    """Canonical blocks → the float32 weight [N, in_features] they stand for."""
-    d = scales.view(torch.float16).float()[..., None]
-    m = mins.view(torch.float16).float()[..., None]
-    return (codes.float() * d + m).reshape(codes.shape[0], -1)[:, :in_features]
-
-
 def quantize(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Float weight [N, K] → packed (qweight, scales, mins), ready for the kernel."""
     return pack(*quantize_codes(weight))
@@ -83,21 +78,10 @@ def linear(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, bias: Tenso
            out_features: int, passes: int = 1) -> Tensor:
     """Dequantize + matmul: what the kernel computes, up to its activation quantization (so `passes`,
     kept for the kernel's signature, changes nothing here)."""
-    w = dequantize(qweight, scales, mins, in_features, out_features).to(x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return shared.linear(x, dequantize(qweight, scales, mins, in_features, out_features), bias)
 
 
 def linear_q8(x: Tensor, qweight: Tensor, scales: Tensor, mins: Tensor, bias: Tensor | None, in_features: int,
               out_features: int, passes: int = 1) -> Tensor:
     """The kernel's own arithmetic (int8 activation blocks, integer dots, then scales), in float64."""
-    shape = x.shape
-    codes, d, m = unpack(qweight, scales, mins, out_features)
-    dw, mw = d.view(torch.float16).double(), m.view(torch.float16).double()
-    out = 0
-    for xq, dx in quantize_activations(x.reshape(-1, shape[-1]), passes):
-        dots = torch.einsum("mbi,nbi->mnb", xq.double(), codes.double())
-        dx = dx.double()
-        out = out + (dots * dw[None] * dx[:, None]).sum(-1) + (mw[None] * (dx * xq.double().sum(-1))[:, None]).sum(-1)
-    if bias is not None:
-        out = out + bias.double()
-    return out.to(x.dtype).view(*shape[:-1], -1)
+    return shared.linear_q8(x, *unpack(qweight, scales, mins, out_features), bias, passes)
