@@ -1,13 +1,19 @@
-"""Prefill and decode speed of SmolLM2-135M in tinyomni next to transformers' `generate`, same weights, one run.
+"""Prefill and decode speed of SmolLM2-135M in tinyomni next to transformers' `generate` and llama.cpp,
+same weights, one run.
 
     python benchmarks/bench_generate.py                 # prompt 128 tokens, 64 new tokens, fp32 and bf16
     python benchmarks/bench_generate.py --prompt 256 --new 128 --dtypes float32 --quantize int4
+    python benchmarks/bench_generate.py --no-transformers --dtypes float32 --threads 1   # the engine vs llama.cpp
 
 Dense rows: the GGUF dequantized once by tinyomni, loaded into tinyomni's decoder and into
 transformers' `LlamaForCausalLM` (transformers' own GGUF loader would keep the weights packed and run
 its dequantizing kernels, a different engine). Quantized rows: tinyomni's engine (`--quantize`,
 tinyomni.engine.quantize_model: the GGUF's own blocks, C++ VNNI kernels when built) in the same
-activation dtype. llama.cpp (when `llama-cpp-python` is importable) runs the GGUF file itself, once.
+activation dtype. llama.cpp (when `llama-cpp-python` is importable) runs the GGUF files themselves:
+SmolLM2's Q4_1 file, and a Q8_0 file of the same model (`tinyomni export smollm2 --to gguf --outtype
+q8_0`, written once under the cache, or --q8-gguf) that tinyomni int8 also runs from its own blocks;
+"vs llama.cpp" is each quantized row against llama.cpp on the same file (int4 and int8 of the Q4_1
+file against Q4_1; int8 of the Q8_0 file against Q8_0).
 Prefill tok/s = prompt tokens / time to the first token; decode tok/s = (new tokens - 1) / time after
 it; each the median of --repeats runs. Ratios are against transformers in the same dtype (llama.cpp's
 against transformers fp32). Weights MB: bytes of weights the engine holds (tied tensors once);
@@ -21,6 +27,7 @@ import functools
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -31,16 +38,20 @@ from tinyomni.api import load_base_decoder
 from tinyomni.generate import Generation, SamplingParams
 from tinyomni.processing.chat import Prompt
 
+# Wall time by default; --clock cpu counts this process's CPU time instead, which a loaded machine
+# inflates far less (with --threads 1 it is the work done, whoever else is running).
+clock = time.perf_counter
+
 
 def time_tinyomni(model: tinyomni.Model, ids: list[int], new: int) -> tuple[float, float]:
     generation = Generation(model.model, model.tokenizer, [Prompt(ids)],
                             SamplingParams(max_new_tokens=new, ignore_eos=True), model.suppress_ids)
-    start = time.perf_counter()
+    start = clock()
     first = None
     for _ in generation:
         if first is None:
-            first = time.perf_counter()
-    end = time.perf_counter()
+            first = clock()
+    end = clock()
     tokens = generation.completions[0].completion_tokens
     return len(ids) / (first - start), (tokens - 1) / (end - first)
 
@@ -52,15 +63,15 @@ def time_transformers(model, ids: list[int], new: int) -> tuple[float, float]:
 
     class Clock:  # transformers calls put() once with the prompt, then once per new token
         def put(self, value):
-            times.append(time.perf_counter())
+            times.append(clock())
 
         def end(self):
             pass
 
-    start = time.perf_counter()
+    start = clock()
     with torch.inference_mode():
         model.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False, streamer=Clock())
-    end = time.perf_counter()
+    end = clock()
     first = times[1]
     return len(ids) / (first - start), (new - 1) / (end - first)
 
@@ -88,14 +99,14 @@ def time_llama_cpp(llm, ids: list[int], new: int) -> tuple[float, float]:
     import numpy as np
 
     llm.reset()
-    start = time.perf_counter()
+    start = clock()
     llm.eval(ids)
     token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    first = time.perf_counter()
+    first = clock()
     for _ in range(new - 1):
         llm.eval([token])
         token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    end = time.perf_counter()
+    end = clock()
     return len(ids) / (first - start), (new - 1) / (end - first)
 
 
@@ -105,8 +116,22 @@ def llama_cpp_model(path: str, context: int):
         import llama_cpp
     except ImportError:
         return None
-    return llama_cpp.Llama(model_path=path, n_ctx=context, n_batch=context, n_threads=torch.get_num_threads(),
-                           verbose=False)
+    # n_threads_batch too: its default (every core) would make llama.cpp's prefill use other threads than ours.
+    threads = torch.get_num_threads()
+    return llama_cpp.Llama(model_path=path, n_ctx=context, n_batch=context, n_threads=threads,
+                           n_threads_batch=threads, verbose=False)
+
+
+def q8_0_gguf(path: str | None) -> Path:
+    """A Q8_0 GGUF of SmolLM2 (every matrix Q8_0), exported by tinyomni once and kept under the cache."""
+    if path:
+        return Path(path)
+    from tinyomni.checkpoints.export_gguf import export_gguf
+
+    out = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tinyomni" / "bench" / "smollm2-q8_0.gguf"
+    if not out.is_file():
+        export_gguf(tinyomni.load("smollm2"), out, "q8_0")
+    return out
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
@@ -136,10 +161,16 @@ def main() -> None:
     parser.add_argument("--quantize", nargs="*", default=["int8", "int4"], help="tinyomni engine modes to add")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--no-llama-cpp", action="store_true")
+    parser.add_argument("--no-q8", action="store_true", help="skip the Q8_0 file's rows (tinyomni int8, llama.cpp)")
+    parser.add_argument("--q8-gguf", default=None, help="a Q8_0 GGUF of SmolLM2 (default: exported once, cached)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch (and llama.cpp) threads; default torch's. On a loaded machine 1 thread "
                              "avoids OpenMP waiting on descheduled peers")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time (default) or this process's CPU time (use with --threads 1 on a busy machine)")
     args = parser.parse_args()
+    global clock
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -150,18 +181,41 @@ def main() -> None:
     ids = torch.randint(100, 40000, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     load = os.getloadavg()
     table = Table(title=f"SmolLM2-135M, prompt {args.prompt}, {args.new} new tokens, "
-                        f"{torch.get_num_threads()} threads, torch {torch.__version__}, engine {kernel_path()}, "
+                        f"{torch.get_num_threads()} threads, {args.clock} clock, torch {torch.__version__}, "
+                        f"engine {kernel_path()}, "
                         f"load average {load[0]:.2f} / {load[1]:.2f} at start")
-    for column in ("dtype", "engine", "weights MB", "prefill tok/s", "decode tok/s", "decode GB/s", "prefill ×",
-                   "decode ×"):
+    for column in ("dtype", "engine", "file", "weights MB", "prefill tok/s", "decode tok/s", "decode GB/s",
+                   "prefill ×", "decode ×", "prefill vs llama.cpp", "decode vs llama.cpp"):
         table.add_column(column, justify="right")
     baseline: dict[str, tuple[float, float]] = {}
+    peers: dict[str, tuple[float, float]] = {}  # llama.cpp's rates by file, run first
+    rows: list[tuple] = []
 
-    def add_row(dtype_name: str, engine: str, nbytes: int, rates: tuple[float, float], against: str) -> None:
-        base = baseline.get(against)
-        ratios = ("", "") if base is None else (f"{rates[0] / base[0]:.2f}", f"{rates[1] / base[1]:.2f}")
-        table.add_row(dtype_name, engine, f"{nbytes / 1e6:.0f}", f"{rates[0]:.0f}", f"{rates[1]:.1f}",
-                      f"{nbytes * rates[1] / 1e9:.1f}", *ratios)
+    def add_row(dtype_name: str, engine: str, file: str, nbytes: int, rates: tuple[float, float], against: str,
+                peer: str | None = None) -> None:
+        rows.append((dtype_name, engine, file, nbytes, rates, against, peer))
+
+    def ratio(rates: tuple[float, float], base: tuple[float, float] | None) -> tuple[str, str]:
+        return ("", "") if base is None else (f"{rates[0] / base[0]:.2f}", f"{rates[1] / base[1]:.2f}")
+
+    q4_path = str(smollm2_gguf_path())
+    files = {"Q4_1": q4_path}
+    if not args.no_q8:
+        with console.status("the Q8_0 file"):
+            files["Q8_0"] = str(q8_0_gguf(args.q8_gguf))
+    if not args.no_llama_cpp:  # first, so every tinyomni row can show its ratio as it is measured
+        for kind, path in files.items():
+            with console.status(f"llama.cpp {kind}"):
+                llm = llama_cpp_model(path, args.prompt + args.new + 8)
+                if llm is None:
+                    console.print("llama.cpp: llama-cpp-python is not installed, rows skipped")
+                    break
+                import llama_cpp
+
+                peers[kind] = median_rates(functools.partial(time_llama_cpp, llm, ids, args.new), args.repeats)
+                add_row(f"{kind} file", f"llama.cpp {llama_cpp.__version__}", kind, os.path.getsize(path), peers[kind],
+                        "float32", kind)
+                del llm
 
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
@@ -170,29 +224,26 @@ def main() -> None:
                 theirs = transformers_llama().to(dtype)
                 baseline[dtype_name] = median_rates(functools.partial(time_transformers, theirs, ids, args.new),
                                                     args.repeats)
-                add_row(dtype_name, "transformers", weight_bytes(theirs), baseline[dtype_name], dtype_name)
+                add_row(dtype_name, "transformers", "dense", weight_bytes(theirs), baseline[dtype_name], dtype_name)
                 del theirs
-        for mode in [None, *args.quantize]:
+        runs = [(None, "Q4_1"), *((mode, "Q4_1") for mode in args.quantize)]
+        if "Q8_0" in files and "int8" in args.quantize:
+            runs.append(("int8", "Q8_0"))
+        for mode, kind in runs:
             name = "tinyomni" if mode is None else f"tinyomni {mode}"
-            with console.status(f"{name} {dtype_name}"):
-                ours = tinyomni.load("smollm2", dtype=dtype)
+            with console.status(f"{name} {dtype_name} ({kind} file)"):
+                ours = tinyomni.load("smollm2" if kind == "Q4_1" else files[kind], dtype=dtype)
                 if mode is not None:
                     quantize_model(ours.model, mode)
                 rates = median_rates(functools.partial(time_tinyomni, ours, ids, args.new), args.repeats)
-                add_row(dtype_name, name, weight_bytes(ours.model.language_model), rates, dtype_name)
+                add_row(dtype_name, name, "dense" if mode is None else kind, weight_bytes(ours.model.language_model),
+                        rates, dtype_name, None if mode is None else kind)
                 del ours
-    if not args.no_llama_cpp:
-        path = str(smollm2_gguf_path())
-        with console.status("llama.cpp"):
-            llm = llama_cpp_model(path, args.prompt + args.new + 8)
-            if llm is None:
-                console.print("llama.cpp: llama-cpp-python is not installed, row skipped")
-            else:
-                import llama_cpp
-
-                rates = median_rates(functools.partial(time_llama_cpp, llm, ids, args.new), args.repeats)
-                add_row("Q4_1 file", f"llama.cpp {llama_cpp.__version__}", os.path.getsize(path), rates, "float32")
-                del llm
+    rows.sort(key=lambda r: r[0].endswith("file"))  # llama.cpp rows last, as before
+    for dtype_name, engine, file, nbytes, rates, against, peer in rows:
+        vs_peer = ("", "") if engine.startswith("llama.cpp") else ratio(rates, peers.get(peer))
+        table.add_row(dtype_name, engine, file, f"{nbytes / 1e6:.0f}", f"{rates[0]:.0f}", f"{rates[1]:.1f}",
+                      f"{nbytes * rates[1] / 1e9:.1f}", *ratio(rates, baseline.get(against)), *vs_peer)
     console.print(table)
     end = os.getloadavg()
     console.print(f"load average at the end: {end[0]:.2f} / {end[1]:.2f} / {end[2]:.2f} (1 / 5 / 15 min)")

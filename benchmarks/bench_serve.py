@@ -7,6 +7,7 @@ continuous batching one decode step serves every client, so the ratio should be 
 
     python benchmarks/bench_serve.py                      # SmolLM2-135M-Instruct, 8 clients, 32 tokens
     python benchmarks/bench_serve.py --model tiny --clients 4 --tokens 64
+    python benchmarks/bench_serve.py --quantize int4      # the quantized engine (its fused decode step, batch > 1)
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def serve(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model = tiny_random_model() if args.model == "tiny" else load(args.model)
+    model = tiny_random_model() if args.model == "tiny" else load(args.model, quantize=args.quantize)
     print(f"model {model.name}: loaded in {time.perf_counter() - t0:.1f} s; "
           f"torch threads {torch.get_num_threads()}", flush=True)
     options = ServerOptions(model_name="bench", max_batch=args.clients, max_queue=args.clients,
@@ -90,6 +91,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=32, help="max_tokens per request")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the server")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None, help="serve a quantized model")
     parser.add_argument("--serve-port", type=int, default=None, help=argparse.SUPPRESS)  # the child's role
     args = parser.parse_args()
     if args.serve_port:
@@ -100,7 +102,8 @@ def main() -> None:
     base = f"http://127.0.0.1:{port}"
     child = subprocess.Popen([sys.executable, __file__, "--model", args.model, "--clients", str(args.clients),
                               "--tokens", str(args.tokens), "--serve-port", str(port)]
-                             + (["--threads", str(args.threads)] if args.threads else []))
+                             + (["--threads", str(args.threads)] if args.threads else [])
+                             + (["--quantize", args.quantize] if args.quantize else []))
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -122,7 +125,7 @@ def main() -> None:
         child.terminate()
         child.wait(timeout=30)
 
-    print(f"\n{args.clients} requests x {args.tokens} tokens "
+    print(f"\n{args.clients} requests x {args.tokens} tokens, {args.quantize or 'float'} weights "
           "(greedy, streaming, openai client over loopback, server in its own process)\n")
     print(f"{'mode':<18}{'tokens':>8}{'steps':>7}{'seconds':>9}{'tok/s':>8}{'mean TTFT s':>13}"
           f"{'mean latency s':>16}")

@@ -78,6 +78,8 @@ def test_kernel_takes_any_leading_shape_and_dequantizes_like_the_reference(kind)
     assert torch.allclose(out.reshape(6, 45), _kernel(kind)(x.reshape(6, 70), q, s, m, None, 70, 45, 2))
     dequantize = ops.extension().int4_dequantize if kind == "int4" else ops.extension().int8_dequantize
     assert torch.equal(dequantize(q, s, m, 70, 45, torch.float32), ref.dequantize(q, s, m, 70, 45))
+    # Prefill's bf16 weight is written directly, rounded as a cast of the float32 one would be.
+    assert torch.equal(dequantize(q, s, m, 70, 45, torch.bfloat16), ref.dequantize(q, s, m, 70, 45).bfloat16())
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])
@@ -234,3 +236,105 @@ def test_quantized_greedy_text_matches_float(float_answers, mode, gguf, at_least
     differ = next(((a, b) for a, b in zip(answers, float_answers) if a != b), ([], []))
     assert same >= at_least, (f"{mode} (gguf={gguf}): {same:.0%} of answers identical to float32, e.g. "
                               f"{model.tokenizer.decode(differ[0])!r} for {model.tokenizer.decode(differ[1])!r}")
+
+
+# --- the fused decode step -----------------------------------------------------------------------
+def _odd_decoder(mode: str, bias: bool) -> torch.nn.Module:
+    """A 2-layer decoder of awkward widths: hidden 80 (not a multiple of 32), head_dim 20 (not of 16),
+    3 query heads per KV head, intermediate 136, quantized with the fused step installed."""
+    from tinyomni.config import DecoderConfig
+    from tinyomni.engine import fused
+    from tinyomni.engine.quantize import quantize_module
+    from tinyomni.model.decoder import Decoder
+
+    torch.manual_seed(0)
+    config = DecoderConfig(vocab_size=120, hidden_size=80, intermediate_size=136, num_hidden_layers=2,
+                           num_attention_heads=6, num_key_value_heads=2, head_dim=20, attention_bias=bias,
+                           max_position_embeddings=64)
+    decoder = Decoder(config).eval()
+    with torch.no_grad():
+        for module in decoder.modules():  # non-trivial norms and biases, so a misplaced one shows
+            if type(module).__name__ == "RMSNorm":
+                module.weight.uniform_(0.5, 1.5)
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0, 0.5)
+        decoder.model.embed_tokens.weight.normal_(0, 1.0)
+    quantize_module(decoder, mode)
+    fused.install(decoder)
+    return decoder
+
+
+def _decode(decoder, monkeypatch, fused_on: bool, dtype, serving: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill 3 left-padded prompts, then 4 decode steps; (every step's logits, the KV cache)."""
+    from tinyomni.model.decoder import CacheState
+
+    monkeypatch.setenv("TINYOMNI_FUSED_DECODE", "1" if fused_on else "0")
+    decoder = decoder.to(dtype)
+    B, T, steps = 3, 7, 4
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 120, (B, T), generator=gen)
+    valid = torch.ones(B, T + steps, dtype=torch.bool)
+    valid[1, :2] = valid[2, :5] = False  # rows 1 and 2 are shorter prompts, left-padded
+    positions = (valid[:, :T].long().cumsum(-1) - 1).clamp(min=0)
+    # Serving: the batch lives in rows 4, 0, 2 of a 5-row cache, each row with its own slots.
+    rows = torch.tensor([4, 0, 2]) if serving else None
+    kv = decoder.new_cache(5 if serving else B, T + steps)
+    out = []
+    with torch.inference_mode():
+        slots = torch.arange(T).expand(B, T) if serving else torch.arange(T)
+        logits, _ = decoder(input_ids=ids, position_ids=positions, attention_mask=valid[:, :T],
+                            cache=CacheState(kv, slots, T, rows=rows))
+        out.append(logits[:, -1])
+        for step in range(steps):
+            slot = T + step
+            tokens = torch.randint(0, 120, (B, 1), generator=gen)
+            positions = positions[:, -1:] + 1
+            slots = torch.full((B, 1), slot) if serving else torch.tensor([slot])
+            logits, _ = decoder(input_ids=tokens, position_ids=positions, attention_mask=valid[:, :slot + 1],
+                                cache=CacheState(kv, slots, slot + 1, rows=rows))
+            out.append(logits[:, -1])
+    return torch.stack(out).float(), torch.cat([kv.k, kv.v]).float()
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias, serving", [(False, False), (True, True)])
+def test_fused_decode_step_matches_the_layers(monkeypatch, mode, dtype, bias, serving):
+    decoder = _odd_decoder(mode, bias)
+    assert decoder.decode_step.why_not() == ""
+    fused_logits, fused_cache = _decode(decoder, monkeypatch, True, dtype, serving)
+    eager_logits, eager_cache = _decode(decoder, monkeypatch, False, dtype, serving)
+    # The same arithmetic and rounding points; only summation orders differ (and, through them, an
+    # activation code may round the other way now and then).
+    tol = 2e-3 if dtype == torch.float32 else 3e-2
+    for fused_t, eager_t in ((fused_logits, eager_logits), (fused_cache, eager_cache)):
+        scale = eager_t.abs().max().item()
+        assert (fused_t - eager_t).abs().max().item() <= tol * scale
+    assert torch.equal(fused_logits[0], eager_logits[0])  # the prefill does not take the fused step
+    assert torch.equal(fused_logits.argmax(-1), eager_logits.argmax(-1))
+
+
+@needs_kernels
+def test_fused_decode_step_steps_aside(monkeypatch):
+    from tinyomni.model.decoder import CacheState
+
+    decoder = _odd_decoder("int4", False)
+    kv = decoder.new_cache(1, 8)
+    x = torch.randn(1, 1, 80)
+    cos, sin = decoder.model.rotary_emb(torch.tensor([[0]]), x.dtype)
+    cache = CacheState(kv, torch.tensor([0]), 1)
+    with torch.inference_mode():
+        assert decoder.decode_step(x, cos, sin, None, cache) is not None
+        use_reference(True)  # the reference kernels run the layers themselves
+        assert decoder.decode_step(x, cos, sin, None, cache) is None
+        use_reference(False)
+        monkeypatch.setenv("TINYOMNI_FUSED_DECODE", "0")
+        assert decoder.decode_step(x, cos, sin, None, cache) is None
+    assert decoder.decode_step(x, cos, sin, None, cache) is None  # autograd on: not fused
+    plain = tinyomni.tiny_random_model(seed=0).model.language_model
+    plain.model.layers[0].mlp.up_proj = QuantLinear("int4", *int4_ref.quantize(torch.randn(128, 64)), None, 64, 128)
+    from tinyomni.engine import fused
+
+    fused.install(plain)
+    assert "not quantized" in plain.decode_step.why_not()

@@ -39,6 +39,11 @@ def kernel_path() -> str:
     return f"pytorch-reference ({'use_reference(True)' if _extension is not None else _reason})"
 
 
+def using_extension() -> bool:
+    """Whether quantized layers run the C++ kernels now (built, loadable, and not forced off)."""
+    return _extension is not None and not _forced_reference
+
+
 def has_extension() -> bool:
     """Whether the C++ kernels are built and loadable on this CPU (whatever use_reference says)."""
     return _extension is not None

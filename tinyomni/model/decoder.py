@@ -8,6 +8,7 @@ images and audio enter), and writes keys/values into a preallocated `KVCache` du
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -227,6 +228,11 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # An engine may install a one-token step that runs every layer at once (tinyomni.engine does,
+        # for quantized models): called as step(x, cos, sin, attention_mask, cache) during decode, it
+        # returns the last layer's output, or None to let the layers below run. The model never
+        # imports the engine; a plain attribute keeps it out of state_dict().
+        self.decode_step: Callable[..., Tensor | None] | None = None
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -260,6 +266,10 @@ class Decoder(nn.Module):
             # Per-row slots ([B, T]) are already per-row positions.
             position_ids = base if base.dim() == 2 else base.unsqueeze(0).expand(B, T)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        if self.decode_step is not None and T == 1 and cache is not None:
+            y = self.decode_step(x, cos, sin, attention_mask, cache)
+            if y is not None:
+                return self.model.norm(y)
         mask = None
         if attention_mask is not None:
             mask = build_attention_mask(attention_mask.bool(), T, cache)

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "common.h"
+#include "decode.h"
 
 namespace tinyomni {
 at::Tensor int4_linear(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -33,6 +34,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_dequantize", &tinyomni::int4_dequantize);
   m.def("int8_linear", &tinyomni::int8_linear);
   m.def("int8_dequantize", &tinyomni::int8_dequantize);
+  pybind11::class_<tinyomni::DecodeStack>(m, "DecodeStack")
+      .def(pybind11::init<const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
+                          const std::vector<std::optional<at::Tensor>>&, const std::vector<int64_t>&, int64_t, int64_t,
+                          int64_t, double, int64_t>())
+      .def("forward", &tinyomni::DecodeStack::forward);
 }
 
 TORCH_LIBRARY(tinyomni, m) {

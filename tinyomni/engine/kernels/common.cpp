@@ -71,12 +71,9 @@ void quantize_rows(const T* x, int64_t M, int64_t K, int64_t nb, Q8Activations& 
   }
 }
 
-}  // namespace
-
-Q8Activations& quantize_activations(const at::Tensor& x2d, int64_t blocks, int passes) {
-  TORCH_CHECK(passes == 1 || passes == 2, "activation passes must be 1 or 2, got ", passes);
+// The calling thread's scratch, grown to M rows of `blocks` blocks.
+Q8Activations& scratch(int64_t M, int64_t blocks, int passes) {
   thread_local Q8Activations act;
-  const int64_t M = x2d.size(0), K = x2d.size(1);
   act.rows = M;
   act.blocks = blocks;
   act.passes = passes;
@@ -84,11 +81,27 @@ Q8Activations& quantize_activations(const at::Tensor& x2d, int64_t blocks, int p
     for (auto* v : {&act.q, &act.q2}) v->resize(M * blocks * QK);
     for (auto* v : {&act.d, &act.d2, &act.isum, &act.isum2}) v->resize(M * blocks);
   }
+  return act;
+}
+
+}  // namespace
+
+Q8Activations& quantize_activations(const at::Tensor& x2d, int64_t blocks, int passes) {
+  TORCH_CHECK(passes == 1 || passes == 2, "activation passes must be 1 or 2, got ", passes);
+  const int64_t M = x2d.size(0), K = x2d.size(1);
+  Q8Activations& act = scratch(M, blocks, passes);
   if (x2d.scalar_type() == at::kBFloat16) {
     quantize_rows(x2d.data_ptr<at::BFloat16>(), M, K, blocks, act);
   } else {
     quantize_rows(x2d.data_ptr<float>(), M, K, blocks, act);
   }
+  return act;
+}
+
+Q8Activations& quantize_activations(const float* x, int64_t M, int64_t K, int64_t blocks, int passes) {
+  TORCH_CHECK(passes == 1 || passes == 2, "activation passes must be 1 or 2, got ", passes);
+  Q8Activations& act = scratch(M, blocks, passes);
+  quantize_rows(x, M, K, blocks, act);
   return act;
 }
 

@@ -50,6 +50,17 @@ struct Q8Activations {
 // each row to blocks*32. The scratch grows and is never freed, so a decode step allocates nothing.
 Q8Activations& quantize_activations(const at::Tensor& x2d, int64_t blocks, int passes);
 
+// The same from a float buffer x [M, K] (the fused decode step's intermediate values).
+Q8Activations& quantize_activations(const float* x, int64_t M, int64_t K, int64_t blocks, int passes);
+
+// Matrix-vector products of row groups [begin, end) of one packed weight against the M activation
+// rows already in `act`: result [M, N] (row-major, N = out_features). The linears and the fused
+// decode step both call these, so each weight format has one hot loop.
+void int4_gemv(const uint8_t* qw, const at::Half* scales, const at::Half* mins, int64_t nb, const Q8Activations& act,
+               int64_t M, int64_t begin, int64_t end, float* result, int64_t N);
+void int8_gemv(const uint8_t* qw, const at::Half* scales, const at::Half* mins, int64_t nb, const Q8Activations& act,
+               int64_t M, int64_t begin, int64_t end, float* result, int64_t N);
+
 // Shape checks shared by both kernels; returns x as a contiguous [M, K] matrix.
 at::Tensor as_matrix(const at::Tensor& x, int64_t in_features);
 
@@ -74,6 +85,28 @@ inline __m512i broadcast4(const int8_t* block, int i) {
   int32_t v;
   std::memcpy(&v, block + 4 * i, 4);
   return _mm512_set1_epi32(v);
+}
+
+// Stores the first `left` (up to 16) of v at dst as float32, or as bfloat16 rounded to nearest even
+// (what a cast does, for the finite values weights are); nothing when left <= 0.
+inline void store16(float* dst, __m512 v, int64_t left) {
+  if (left >= 16) {
+    _mm512_storeu_ps(dst, v);
+  } else if (left > 0) {
+    _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << left) - 1), v);
+  }
+}
+inline void store16(at::BFloat16* dst, __m512 v, int64_t left) {
+  if (left <= 0) return;
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  const __m256i half = _mm512_cvtepi32_epi16(rounded);
+  if (left >= 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), half);
+  } else {
+    _mm256_mask_storeu_epi16(dst, static_cast<__mmask16>((1u << left) - 1), half);
+  }
 }
 
 // Writes a row group's 16 results for activation row m, dropping the padding rows past N.

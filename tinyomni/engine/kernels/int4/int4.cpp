@@ -85,13 +85,20 @@ inline void run_groups(const uint8_t* qw, const at::Half* sc, const at::Half* mn
 }
 
 // Every row group in [begin, end) against every activation row: tiles of RT rows, then singles.
+// With tiles, each row group meets every activation row while its few KB are in L1, so a batch reads
+// the weights from memory once (a batched decode step costs little more than one row's).
 template <int RT, bool TWO>
 void run_range(const uint8_t* qw, const at::Half* sc, const at::Half* mn, int64_t nb, const Q8Activations& act,
                int64_t M, int64_t begin, int64_t end, float* result, int64_t N) {
-  int64_t m = 0;
-  for (; m + RT <= M; m += RT)
-    for (int64_t g = begin; g < end; ++g) run_groups<1, RT, TWO>(qw, sc, mn, nb, act, m, g, result, N);
-  for (; m < M; ++m) {
+  const int64_t tiled = M - M % RT;
+  if (tiled > 0) {
+    for (int64_t g = begin; g < end; ++g) {
+      for (int64_t m = 0; m < tiled; m += RT) run_groups<1, RT, TWO>(qw, sc, mn, nb, act, m, g, result, N);
+      for (int64_t m = tiled; m < M; ++m) run_groups<1, 1, TWO>(qw, sc, mn, nb, act, m, g, result, N);
+    }
+    return;
+  }
+  for (int64_t m = 0; m < M; ++m) {
     int64_t g = begin;
     for (; g + 2 <= end; g += 2) run_groups<2, 1, TWO>(qw, sc, mn, nb, act, m, g, result, N);
     for (; g < end; ++g) run_groups<1, 1, TWO>(qw, sc, mn, nb, act, m, g, result, N);
@@ -113,36 +120,62 @@ void check_weight(const at::Tensor& qweight, const at::Tensor& scales, const at:
 
 }  // namespace
 
-at::Tensor int4_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,
-                           int64_t in_features, int64_t out_features, at::ScalarType dtype) {
-  check_weight(qweight, scales, mins, in_features, out_features);
-  const int64_t groups = qweight.size(0), nb = qweight.size(1) / 256;
-  at::Tensor full = at::empty({groups * ROWS, nb * QK}, at::TensorOptions().dtype(at::kFloat));
-  const uint8_t* qw = qweight.data_ptr<uint8_t>();
-  const at::Half* sc = half_data(scales);
-  const at::Half* mn = half_data(mins);
-  float* out = full.data_ptr<float>();
-  const int64_t K = nb * QK;
-  // One row's block is 4 dwords 64 bytes apart: one gather, then nibbles → 32 floats (prefill's path).
+void int4_gemv(const uint8_t* qw, const at::Half* sc, const at::Half* mn, int64_t nb, const Q8Activations& act,
+               int64_t M, int64_t begin, int64_t end, float* result, int64_t N) {
+  if (act.passes == 2) {
+    run_range<MT2, true>(qw, sc, mn, nb, act, M, begin, end, result, N);
+  } else {
+    run_range<MT, false>(qw, sc, mn, nb, act, M, begin, end, result, N);
+  }
+}
+
+namespace {
+
+// The weight [N, K] in T (float or bf16), written in place: prefill's path, so one pass and no copy.
+template <typename T>
+void dequantize_into(const uint8_t* qw, const at::Half* sc, const at::Half* mn, int64_t nb, int64_t groups, int64_t N,
+                     int64_t K, T* out) {
+  // One row's block is 4 dwords 64 bytes apart: one gather, then nibbles → 32 floats.
   const __m128i steps = _mm_setr_epi32(0, 64, 128, 192);
   const __m128i low = _mm_set1_epi8(0x0F);
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
+      const int64_t rows = std::min<int64_t>(ROWS, N - g * ROWS);
       for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* base = qw + g * nb * 256 + b * 256;
-        for (int64_t r = 0; r < ROWS; ++r) {
+        for (int64_t r = 0; r < rows; ++r) {
           const __m512 d = _mm512_set1_ps(static_cast<float>(sc[(g * nb + b) * ROWS + r]));
           const __m512 m = _mm512_set1_ps(static_cast<float>(mn[(g * nb + b) * ROWS + r]));
           const __m128i bytes = _mm_i32gather_epi32(reinterpret_cast<const int*>(base + r * 4), steps, 1);
           const __m128i lo = _mm_and_si128(bytes, low), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
-          float* dst = out + (g * ROWS + r) * K + b * QK;
-          _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), d), m));
-          _mm512_storeu_ps(dst + 16, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), d), m));
+          T* dst = out + (g * ROWS + r) * K + b * QK;
+          const int64_t left = K - b * QK;
+          // Multiply, then add (not fused): the same rounding as the reference and gguf's dequantize.
+          store16(dst, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), d), m), left);
+          store16(dst + 16, _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), d), m), left - 16);
         }
       }
     }
   });
-  return full.narrow(0, 0, out_features).narrow(1, 0, in_features).contiguous().to(dtype);
+}
+
+}  // namespace
+
+at::Tensor int4_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,
+                           int64_t in_features, int64_t out_features, at::ScalarType dtype) {
+  check_weight(qweight, scales, mins, in_features, out_features);
+  const int64_t groups = qweight.size(0), nb = qweight.size(1) / 256;
+  const bool bf16 = dtype == at::kBFloat16;
+  at::Tensor out = at::empty({out_features, in_features}, at::TensorOptions().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  const uint8_t* qw = qweight.data_ptr<uint8_t>();
+  if (bf16) {
+    dequantize_into(qw, half_data(scales), half_data(mins), nb, groups, out_features, in_features,
+                    out.data_ptr<at::BFloat16>());
+  } else {
+    dequantize_into(qw, half_data(scales), half_data(mins), nb, groups, out_features, in_features,
+                    out.data_ptr<float>());
+  }
+  return out.scalar_type() == dtype ? out : out.to(dtype);
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -165,11 +198,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   const at::Half* sc = half_data(scales);
   const at::Half* mn = half_data(mins);
   at::parallel_for(0, groups, GROUP_GRAIN, [&](int64_t begin, int64_t end) {
-    if (act.passes == 2) {
-      run_range<MT2, true>(qw, sc, mn, nb, act, M, begin, end, result, N);
-    } else {
-      run_range<MT, false>(qw, sc, mn, nb, act, M, begin, end, result, N);
-    }
+    int4_gemv(qw, sc, mn, nb, act, M, begin, end, result, N);
   });
   finish_output(act, result, bias, out);
   return out.view(shape);

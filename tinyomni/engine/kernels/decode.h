@@ -1,0 +1,63 @@
+// The one-token decode step of a whole Llama-family decoder (RMSNorm, RoPE, grouped-query attention
+// over the KV cache, SwiGLU; weights in the engine's int4/int8 blocks) in one C++ call.
+//
+// Why: at batch 1 a quantized layer's arithmetic takes ~0.2 ms, and the ~40 PyTorch ops around its
+// 7 linears (norms, views, rotary, cache writes, attention, residuals) cost about as much again in
+// Python and dispatch. Here a layer is 4 parallel matrix-vector regions (q/k/v share one activation
+// quantization and one region, as do gate/up) and a few vector loops, with nothing allocated.
+//
+// It computes what the PyTorch modules compute, rounding where they round: with bfloat16
+// activations every intermediate the eager path stores in bf16 (norm output, projections, rotary
+// products, scores, probabilities, residual sums) is rounded to bf16 at the same point; float32 is
+// float32 throughout. Only summation orders differ.
+#pragma once
+
+#include "common.h"
+
+namespace tinyomni {
+
+// One quantized weight as the kernels read it (the tensors stay alive in DecodeStack::keep_).
+struct PackedLinear {
+  int kind = 0;  // 4 or 8 (bits per code)
+  const uint8_t* qw = nullptr;
+  const at::Half* scales = nullptr;
+  const at::Half* mins = nullptr;
+  int64_t blocks = 0, groups = 0, in = 0, out = 0;
+  const float* bias = nullptr;  // float32 copy, or nullptr
+};
+
+class DecodeStack {
+ public:
+  // Per layer l: norms[2l], norms[2l+1] = input / post-attention RMSNorm weights (the activation
+  // dtype); linears in the order q, k, v, o, gate, up, down, each three tensors in `weights`
+  // (qweight, scales, mins), one entry in `biases` (None for none) and (bits, in, out) in `shapes`.
+  DecodeStack(const std::vector<at::Tensor>& norms, const std::vector<at::Tensor>& weights,
+              const std::vector<std::optional<at::Tensor>>& biases, const std::vector<int64_t>& shapes,
+              int64_t heads, int64_t kv_heads, int64_t head_dim, double eps, int64_t passes);
+
+  // x [B, 1, hidden] (float32 or bfloat16) through every layer, writing this step's keys and values
+  // into the caches [layers, cache_rows, kv_heads, max_len, head_dim] at slots[b] of cache row
+  // rows[b] (rows: None = b). cos/sin: [B, ..., head_dim] rotary tables for each row's position.
+  // Attention reads slots 0..kv_len-1; key_valid [B, kv_len] (bool, None = all valid) marks padding,
+  // and a row never attends past its own slot except where key_valid is None (as the eager mask).
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
+                     at::Tensor& v_cache, const at::Tensor& slots, const std::optional<at::Tensor>& rows,
+                     int64_t kv_len, const std::optional<at::Tensor>& key_valid);
+
+ private:
+  template <bool BF, typename T>
+  void run(int64_t B, const T* cos, const T* sin, T* kc, T* vc, const int64_t* slots, const int64_t* rows,
+           int64_t cache_rows, int64_t max_len, int64_t kv_len, const bool* key_valid);
+
+  std::vector<at::Tensor> keep_;  // everything the pointers below point into
+  std::vector<std::vector<float>> norms_;
+  std::vector<PackedLinear> linears_;
+  at::ScalarType dtype_;
+  int64_t layers_, hidden_, heads_, kv_heads_, head_dim_, inter_;
+  float eps_;
+  int passes_;
+  // Scratch reused by every step (grown, never shrunk).
+  std::vector<float> x_, h_, q_, k_, v_, att_, o_, g_, u_, scores_;
+};
+
+}  // namespace tinyomni
