@@ -1,4 +1,4 @@
-"""The `tinyomni` command as a user runs it: one-shot chat, interactive chat, info."""
+"""The `tinyomni` command as a user runs it: one-shot chat, interactive chat, info, the command list."""
 
 from __future__ import annotations
 
@@ -54,3 +54,32 @@ def test_errors_are_one_line_not_a_traceback(tmp_path):
     result = run("chat", "--model", str(tmp_path / "nope"), "hi")
     assert result.returncode == 2
     assert result.stderr.startswith("error: no model at") and "Traceback" not in result.stderr
+
+
+def test_help_lists_every_command_without_importing_them():
+    from tinyomni.cli import build_parser
+
+    # Only the command that runs imports its module; the listing is the same as with every module loaded.
+    assert build_parser(command="chat").format_help() == build_parser().format_help()
+    listing = run("--help")
+    assert listing.returncode == 0
+    for command in ("chat", "info", "quantize", "export", "world", "train", "eval", "serve"):
+        assert f"    {command} " in listing.stdout
+    serve = run("serve", "--help")
+    assert serve.returncode == 0 and "--max-batch" in serve.stdout
+    distill = run("distill", "--help")  # one of two commands from one module (train/cli.py)
+    assert distill.returncode == 0 and "--teacher" in distill.stdout
+    code = ("import sys\nfrom tinyomni.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    bare = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert bare.stdout.strip().splitlines()[-1] == "False"  # listing the commands needs no model, nor torch
+
+
+def test_one_shot_chat_imports_no_other_command_and_no_transformers(tiny_dir):
+    heavy = ["transformers", "fastapi", "uvicorn", "tinyomni.serve", "tinyomni.train", "tinyomni.eval",
+             "tinyomni.world", "torch._dynamo"]
+    code = (f"import sys; from tinyomni.cli import main; rc = main(['chat', '--model', {tiny_dir!r}, "
+            f"'--max-new-tokens', '2', 'hi']); print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

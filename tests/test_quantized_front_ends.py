@@ -1,4 +1,5 @@
-"""`quantize=` reaches every front end: the API, the CLI's --quantize, and the serving engine."""
+"""`quantize=` reaches every front end: the API, the CLI's --quantize, and the serving engine (and a
+saved quantized checkpoint, tests/test_quantized_checkpoint.py, reaches them through --model)."""
 
 from __future__ import annotations
 
@@ -40,10 +41,11 @@ def test_load_quantizes_the_decoder_and_it_still_answers(checkpoint, mode):
     assert ((got - want).norm() / want.norm()).item() < (0.05 if mode == "int8" else 0.6)
 
 
-def test_a_quantized_model_is_not_saved_and_bad_modes_are_named(checkpoint, tmp_path):
+def test_a_quantized_model_saves_only_whole_and_bad_modes_are_named(checkpoint, tmp_path):
     model = tinyomni.load(checkpoint, quantize="int4")
-    with pytest.raises(InputError, match="quantized"):
-        model.save(tmp_path / "q")
+    with pytest.raises(InputError, match="quantized"):  # its decoder is what was quantized: it must be stored
+        model.save(tmp_path / "q", store_decoder=False)
+    assert tinyomni.load(model.save(tmp_path / "q")).quantization == "int4"  # tests/test_quantized_checkpoint.py
     with pytest.raises(InputError, match="int3"):
         tinyomni.load(checkpoint, quantize="int3")
 
@@ -63,3 +65,23 @@ def test_cli_quantize_flag(checkpoint, capsys):
     from tinyomni.cli import main
 
     assert main(["chat", "--model", str(checkpoint), "--quantize", "int4", "--max-new-tokens", "4", "hi"]) == 0
+
+
+def test_serve_and_eval_load_a_saved_quantized_checkpoint(checkpoint, tmp_path, capsys):
+    """--model DIR of a quantized checkpoint: the server's engine and `tinyomni eval` read it as it is."""
+    from tinyomni.cli import main
+
+    saved = tinyomni.load(checkpoint, quantize="int4").save(tmp_path / "int4")
+    model = tinyomni.load(saved)
+    engine = Engine(model, max_batch=2).start()
+    try:
+        params = SamplingParams(max_new_tokens=4, max_repeat_tokens=0)
+        assert "".join(engine.submit(model.prepare("hello"), params)) == \
+            model.complete("hello", max_new_tokens=4, max_repeat_tokens=0).text
+    finally:
+        engine.close()
+    task = tmp_path / "task.jsonl"
+    task.write_text('{"id": "q1", "question": "What is 2+2?", "answers": ["4"]}\n')
+    assert main(["eval", "run", str(task), "--model", str(saved), "--out", str(tmp_path / "eval"),
+                 "--max-new-tokens", "4"]) == 0
+    assert (tmp_path / "eval" / "predictions.jsonl").is_file()

@@ -129,6 +129,14 @@ class Model:
         parts.append({"type": "text", "text": question})
         return self.chat([{"role": "user", "content": parts}], **sampling)
 
+    def embed(self, image: Any = None, text: Any = None, audio: Any = None, space: str = "image") -> torch.Tensor:
+        """L2-normalised embeddings ([D] for one input, [N, D] for a list) from this model's contrastive
+        towers (towers.json in its directory; tinyomni/retrieval). A model without them (the shipped
+        tinyomni-world) raises CheckpointError saying where towers come from."""
+        from tinyomni import retrieval
+
+        return retrieval.of_model(self).embed(image=image, text=text, audio=audio, space=space)
+
     def sampling_params(self, **sampling: Any) -> SamplingParams:
         """The model's default settings with `sampling` on top (None means "the default"), validated:
         a bad value raises SamplingError naming the field. Every front end builds its params here."""
@@ -160,9 +168,17 @@ class Model:
     def _write(self, tmp: Path, store_decoder: bool | None = None,
                weights_dtype: torch.dtype | str | None = None) -> None:
         """The checkpoint's files into the (empty) directory `tmp`; `save` makes that atomic."""
-        if self.quantization is not None:
-            raise InputError(f"this model is quantized ({self.quantization}) for inference; save the float "
-                             "model and quantize when loading it (tinyomni.load(..., quantize=...))")
+        cast = None if weights_dtype is None else _dtype(weights_dtype)
+        if self.quantization is not None:  # the engine's blocks as they are, and the float rest: complete
+            from tinyomni.engine import checkpoint
+
+            if store_decoder is False:
+                raise InputError(f"a quantized ({self.quantization}) model stores its decoder: it is the "
+                                 "quantized part")
+            dataclasses.replace(self.config, base_decoder=None, base_model=None).save(tmp / native.CONFIG_FILE)
+            checkpoint.write(self.model, tmp, self.quantization, dtype=cast)
+            self._write_text_files(tmp)
+            return
         config = self.config
         # A fine-tuned whole model (config.base_model) stores only what differs from its base, unless
         # told to store everything.
@@ -184,17 +200,19 @@ class Model:
         saved_config = dataclasses.replace(
             config, base_decoder=None if store_decoder or relative else config.base_decoder,
             base_model=config.base_model if relative else None)
-        cast = None if weights_dtype is None else _dtype(weights_dtype)
-
         saved_config.save(tmp / native.CONFIG_FILE)
         native.save_weights(tmp, state, dtype=cast)
+        self._write_text_files(tmp)
+        if adapter is not None:
+            (tmp / lora.ADAPTER_CONFIG).write_text(json.dumps(adapter, indent=2) + "\n")
+            native.save_weights(tmp, adapter_state, lora.ADAPTER_WEIGHTS, dtype=cast)
+
+    def _write_text_files(self, tmp: Path) -> None:
+        """Tokenizer, chat template and default sampling settings: every checkpoint has them."""
         self.tokenizer.save(tmp)
         (tmp / native.TEMPLATE_FILE).write_text(self.chat_template)
         if self.generation_defaults:
             (tmp / native.GENERATION_FILE).write_text(json.dumps(self.generation_defaults, indent=2) + "\n")
-        if adapter is not None:
-            (tmp / lora.ADAPTER_CONFIG).write_text(json.dumps(adapter, indent=2) + "\n")
-            native.save_weights(tmp, adapter_state, lora.ADAPTER_WEIGHTS, dtype=cast)
 
     def info(self, image_size: tuple[int, int] | None = None) -> dict[str, Any]:
         """Parameters per part, context length, and tokens an image of `image_size` (w, h) costs."""
@@ -205,6 +223,13 @@ class Model:
             "context_length": config.decoder.max_position_embeddings,
             "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
         }
+        if self.quantization is not None:  # quantized weights are buffers: count them as the weights they stand for
+            from tinyomni.engine import QuantLinear
+
+            for part in facts["parameters"]:
+                layers = {id(m): m for m in getattr(self.model, part).modules() if isinstance(m, QuantLinear)}
+                facts["parameters"][part] += sum(m.in_features * m.out_features for m in layers.values())
+            facts["quantization"] = self.quantization
         if config.vision is not None:
             facts["tile_size"] = config.vision.image_size
             facts["tokens_per_tile"] = config.image_tokens_per_tile
@@ -258,31 +283,64 @@ def load(path_or_id: str | Path | None = None, device: str | torch.device = "cpu
                                   "reinstall tinyomni, or train it: tinyomni train recipes/tinyomni-world.toml")
     if path.is_dir() and (path / native.CONFIG_FILE).is_file() and _model_type(path) == "tinyomni":
         name = REFERENCE_MODEL if path == REFERENCE_MODEL_DIR else str(path)
+        if quantized_checkpoint(path):  # already the engine's blocks: read as they are
+            model = _load_quantized(path, name)
+            if quantize is not None and quantize != model.quantization:
+                raise InputError(f"{path} is a {model.quantization} checkpoint; it cannot be loaded as {quantize} "
+                                 "(quantize its float model instead, or leave quantize out)")
+            return model.to(device, dtype)
         saved = native.read_config(path)
         base = saved.base_decoder
         if saved.base_model is not None:  # a fine-tuned whole model: its base, what changed, its adapter
             sources = [path, *_model_sources(_base_model_spec(path, saved.base_model), path)]
-            model = _cached(sources, dtype, lambda: _load_native(path, name))
-        elif base is None and not (path / lora.ADAPTER_CONFIG).is_file():
+            model = _cached(sources, dtype, lambda: _load_native(path, name), quantize)
+        elif base is None and not (path / lora.ADAPTER_CONFIG).is_file() and quantize is None:
             model = _load_native(path, name)  # already one safetensors read: nothing to cache
-        else:  # a GGUF base to dequantize, an adapter to merge: built once, then read from the cache
-            model = _cached([path, *_base_sources(base)], dtype, lambda: _load_native(path, name))
+        else:  # a GGUF base to dequantize, an adapter to merge, weights to quantize: done once, then cached
+            model = _cached([path, *_base_sources(base)], dtype, lambda: _load_native(path, name), quantize)
     elif spec == "smollm2" or spec.endswith(".gguf"):
-        model = _cached(_base_sources(spec), dtype, lambda: from_base_decoder(spec))
+        model = _cached(_base_sources(spec), dtype, lambda: from_base_decoder(spec), quantize)
     elif path.is_dir():
-        model = _load_hf_dir(path, spec)
+        model = _cached([path], dtype, lambda: _load_hf_dir(path, spec), quantize) if quantize else \
+            _load_hf_dir(path, spec)
     elif spec.count("/") == 1 and not path.exists():
-        model = _load_hf_dir(_download(spec), spec)
+        local = _download(spec)
+        model = _cached([local], dtype, lambda: _load_hf_dir(local, spec), quantize) if quantize else \
+            _load_hf_dir(local, spec)
     else:
         raise CheckpointError(f"no model at {spec!r}: expected a checkpoint directory, 'smollm2', "
                               "a .gguf file, a Hugging Face directory or a hub id like 'org/name'")
     model = model.to(device, dtype)
-    if quantize is not None:
-        from tinyomni.engine import quantize_model
-
-        quantize_model(model.model, quantize)
-        model.quantization = quantize
+    if quantize is not None and model.quantization is None:  # the load cache is off
+        _quantize(model, quantize)
     return model
+
+
+def quantized_checkpoint(path: str | Path) -> bool:
+    """Whether a directory holds a quantized checkpoint (`tinyomni quantize`, engine/checkpoint.py)."""
+    return (Path(path) / native.QUANTIZATION_FILE).is_file()
+
+
+def _quantize(model: Model, mode: str) -> None:
+    from tinyomni.engine import quantize_model
+
+    quantize_model(model.model, mode)
+    model.quantization = mode
+
+
+def _load_quantized(path: Path, name: str | None = None) -> Model:
+    """A quantized checkpoint as a Model: its blocks and float tensors straight from the mmap'd file."""
+    from tinyomni.engine import checkpoint
+
+    model, spec = checkpoint.load(path)
+    loaded = _without_absent_tokens(Model(model, Tokenizer.from_dir(path), _read_template(path),
+                                          name=name or str(path)))
+    if len(loaded.tokenizer) > model.config.decoder.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has {len(loaded.tokenizer)} tokens but the decoder has only "
+                              f"{model.config.decoder.vocab_size} embeddings")
+    loaded.quantization = spec["mode"]
+    loaded.generation_defaults = native.read_generation_config(path)
+    return loaded
 
 
 def _load_hf_dir(path: Path, spec: str) -> Model:
@@ -398,6 +456,8 @@ def _load_decoder_weights(model: OmniModel, base: BaseDecoder, added_rows: torch
     if not model.config.decoder.tie_word_embeddings and "lm_head.weight" in state and extra:
         head = state["lm_head.weight"]
         state["lm_head.weight"] = torch.cat([head, head.new_zeros(extra, head.shape[1])])
+    if "lm_head.bias" in state and extra:  # Phi's head has a bias: the media tokens' entries are 0 too
+        state["lm_head.bias"] = torch.cat([state["lm_head.bias"], state["lm_head.bias"].new_zeros(extra)])
     tied = model.config.decoder.tie_word_embeddings
     native.check_state(model.language_model, state, f"base decoder {model.config.base_decoder!r}",
                        allow_missing=lambda k: tied and k == "lm_head.weight")
@@ -415,15 +475,19 @@ def _base_sources(spec: str | None) -> list[Path]:
     return [Path(spec).expanduser()]
 
 
-def _cached(sources: list[Path], dtype: torch.dtype, build: Any) -> Model:
-    """`build()` the model once; later loads read what it built from the load cache
-    (checkpoints/cache.py), keyed by the sources' hashes and the dtype: one safetensors read, no GGUF
-    dequantization, no LoRA merge, no weight initialisation."""
+def _cached(sources: list[Path], dtype: torch.dtype, build: Any, quantize: str | None = None) -> Model:
+    """`build()` the model once (and quantize it, with `quantize`); later loads read what it built
+    from the load cache (checkpoints/cache.py), keyed by the sources' hashes, the dtype and the
+    quantization: one mmap'd safetensors read, no GGUF dequantization, no LoRA merge, no weight
+    initialisation, no quantizing (a quantized entry is a quantized checkpoint, engine/checkpoint.py)."""
     from tinyomni.checkpoints import cache
 
     if cache.cache_root() is None:
         return build()
-    key = cache.entry_key(sources, dtype=str(dtype).replace("torch.", ""))
+    options = {"dtype": str(dtype).replace("torch.", "")}
+    if quantize is not None:
+        options["quantize"] = quantize
+    key = cache.entry_key(sources, **options)
     entry = cache.find(key)
     if entry is not None:
         try:
@@ -431,6 +495,8 @@ def _cached(sources: list[Path], dtype: torch.dtype, build: Any) -> Model:
         except (CheckpointError, OSError, ValueError, KeyError):
             pass  # a damaged entry is built again and replaced
     model = build().to(dtype=dtype)
+    if quantize is not None:
+        _quantize(model, quantize)
     info = {"name": str(model.name), "base_decoder": model.config.base_decoder, "base_model": model.config.base_model,
             "decoder_modified": model.decoder_modified, "encoders_trained": model.encoders_trained}
     cache.store(key, lambda tmp: model._write(tmp, store_decoder=True), info)
@@ -441,7 +507,10 @@ def _load_cache_entry(entry: Path) -> Model:
     from tinyomni.checkpoints import cache
 
     info = cache.read_info(entry)
-    loaded = _load_native(entry, info["name"])  # a complete checkpoint: read, not built
+    if quantized_checkpoint(entry):
+        loaded = _load_quantized(entry, info["name"])
+    else:
+        loaded = _load_native(entry, info["name"])  # a complete checkpoint: read, not built
     loaded.config.base_decoder = info["base_decoder"]  # saving again stores only what the base lacks
     loaded.config.base_model = info.get("base_model")
     loaded.decoder_modified = info["decoder_modified"]
@@ -450,22 +519,18 @@ def _load_cache_entry(entry: Path) -> Model:
 
 
 def assemble(config: OmniConfig, state: dict[str, torch.Tensor], where: str) -> OmniModel:
-    """An OmniModel holding `state` (every tensor of it), built without initialising weights that
-    would be overwritten at once: on the meta device, then the checkpoint's tensors put in place."""
-    from tinyomni.model.decoder import RotaryEmbedding
-
-    with torch.device("meta"):
+    """An OmniModel holding `state` (every tensor of it, not copied: a safetensors file's stay mmap'd),
+    built without initialising weights that would be overwritten at once (native.no_init)."""
+    with native.no_init():
         model = OmniModel(config)
     tied = config.decoder.tie_word_embeddings
     native.check_state(model, state, where, allow_missing=lambda k: tied and k == "language_model.lm_head.weight")
+    before = {n: t.data_ptr() for n, t in model.state_dict().items()}
     model.load_state_dict(state, strict=False, assign=True)
     decoder = model.language_model
     if tied:  # assign replaced the embedding's Parameter: the head must share the new one
         decoder.lm_head.weight = decoder.model.embed_tokens.weight
-    decoder.model.rotary_emb = RotaryEmbedding(config.decoder)  # its tables are computed, not stored
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise CheckpointError(f"{where}: no weights for {', '.join(left[:5])}")
+    native.check_replaced(model, before, where)
     return model
 
 
@@ -604,7 +669,6 @@ def _dtype(dtype: torch.dtype | str) -> torch.dtype:
     return names[dtype]
 
 
-# torch.nn.init functions that modules call while they are built.
 @contextlib.contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     """Deterministic initialisation without touching the caller's global RNG."""

@@ -1,14 +1,16 @@
-"""The `tinyomni` command: chat | info | export, plus world | train | eval | serve from their own packages.
+"""The `tinyomni` command: chat | info | quantize | export, plus world | train | eval | serve from their own packages.
 
     tinyomni chat "What is the capital of France?"
     tinyomni chat --image photo.jpg --audio question.wav "Answer the question about the picture."
     tinyomni chat                      # interactive: /image PATH, /audio PATH, /video PATH, /reset, /quit
     tinyomni info --image-size 1024x768
+    tinyomni quantize tinyomni-world --bits 4 --out world-int4   # then: tinyomni chat --model world-int4
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Any
 
@@ -16,7 +18,9 @@ from tinyomni.errors import TinyOmniError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The top-level parser has no options of its own but -h: the first other word is the command.
+    parser = build_parser(command=next((a for a in argv if not a.startswith("-")), ""))
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
@@ -31,7 +35,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Commands that live with the code they drive: name -> (module with `register(subparsers)`, help line).
+# A module is imported only when its command runs (the server alone pulls in fastapi and uvicorn, the
+# trainer and evaluator more: seconds a one-shot `tinyomni chat` should not pay); `tinyomni --help`
+# lists them from here (tests/test_cli.py checks each line is the one its module registers).
+COMMANDS = {
+    "world": ("tinyomni.world.cli", "the synthetic multimodal world: generate, preview, bench"),
+    "train": ("tinyomni.train.cli", "train a model from a recipe (TOML/YAML); DDP or FSDP under torchrun"),
+    "distill": ("tinyomni.train.cli", "write SFT data with a teacher endpoint's answers (OpenAI-compatible)"),
+    "eval": ("tinyomni.eval.cli", "evaluate a model or endpoint on task files (or world-bench)"),
+    "serve": ("tinyomni.serve.cli", "OpenAI-compatible server and web chat page"),
+    "embed": ("tinyomni.retrieval.cli",
+              "embed images, texts or speech with a dual encoder (CLIP, SigLIP, contrastive towers)"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser. `command`: the sub-command about to run; only its module among COMMANDS is
+    imported (the others appear by their help line). None imports every one (a complete parser)."""
     parser = argparse.ArgumentParser(prog="tinyomni", description="Small omni-modal language models on a CPU.")
     sub = parser.add_subparsers(metavar="COMMAND")
 
@@ -52,9 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--image-size", help="WIDTHxHEIGHT: how many tiles and tokens such an image costs")
     info.set_defaults(func=run_info)
 
+    quantize = sub.add_parser("quantize", help="write a quantized (int8/int4) checkpoint that loads as it is",
+                              description="Quantize a model's decoder (LM head included) to the engine's weight-only "
+                                          "int8 or int4 blocks once, and write it as a checkpoint directory: "
+                                          "`--model DIR` (chat, serve, eval, info) and tinyomni.load(DIR) then read "
+                                          "the blocks straight from the file, with no float copy and no quantizing.")
+    quantize.add_argument("model", help="'tinyomni-world', a checkpoint directory, 'smollm2', ... (as --model)")
+    quantize.add_argument("--bits", type=int, choices=[4, 8], required=True, help="4 (int4) or 8 (int8)")
+    quantize.add_argument("--out", required=True, help="the checkpoint directory to write")
+    quantize.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                          help="the float parts left (norms, vision and audio towers) (default: %(default)s)")
+    quantize.set_defaults(func=run_quantize)
+
     export = sub.add_parser("export", help="write a model where other tools run it (GGUF, transformers)",
                             description="Export a model: --to gguf writes its text decoder, tokenizer and "
-                                        "chat template as one GGUF file for llama.cpp and its peers; --to hf "
+                                        "chat template as one GGUF file for llama.cpp and its peers (with "
+                                        "--mmproj also its vision side as llama.cpp's mmproj file); --to hf "
                                         "writes a transformers InternVL directory (InternVLForConditionalGeneration), "
                                         "or with --text-only its decoder as a Llama/Qwen2 one (docs/models.md).")
     export.add_argument("model", help="'tinyomni-world', a checkpoint directory, 'smollm2', ... (as --model)")
@@ -63,21 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default=None,
                         help="the type of the weight matrices (gguf default f16, norms stay f32; hf default: "
                              "as loaded, f32)")
+    export.add_argument("--mmproj", metavar="FILE", default=None,
+                        help="gguf: also write the vision tower and projector as an mmproj GGUF "
+                             "(llama-mtmd-cli -m OUT --mmproj FILE); matrices f32 with --outtype f32, else f16")
     export.add_argument("--text-only", action="store_true",
                         help="hf: write the text decoder alone (LlamaForCausalLM / Qwen2ForCausalLM), e.g. for a "
                              "model whose vision tower InternVL cannot hold")
     export.set_defaults(func=run_export)
 
-    # Each of these lives with the code it drives; a missing one is a broken install, not optional.
-    from tinyomni.eval import cli as eval_cli
-    from tinyomni.serve import cli as serve_cli
-    from tinyomni.train import cli as train_cli
-    from tinyomni.world import cli as world_cli
-
-    world_cli.register(sub)
-    train_cli.register(sub)
-    eval_cli.register(sub)
-    serve_cli.register(sub)
+    running = COMMANDS.get(command or "", ("",))[0]
+    for name, (module, help_line) in COMMANDS.items():
+        if name in sub.choices:  # registered along with another command of its module
+            continue
+        if command is None or module == running:  # a missing module is a broken install, not optional
+            importlib.import_module(module).register(sub)
+        else:
+            sub.add_parser(name, help=help_line, add_help=False)  # listed; never run (main builds anew)
     return parser
 
 
@@ -229,6 +264,8 @@ def run_info(args: argparse.Namespace) -> int:
     table.add_row("parameters: total", f"{sum(facts['parameters'].values()) / 1e6:.2f} M")
     table.add_row("context length", f"{facts['context_length']} tokens")
     table.add_row("dtype", facts["dtype"])
+    if "quantization" in facts:
+        table.add_row("decoder weights", f"{facts['quantization']} (weight-only, the engine's kernels)")
     if "tile_size" in facts:
         table.add_row("image tile", f"{facts['tile_size']} px, {facts['tokens_per_tile']} tokens")
         thumbnail = " (+ a thumbnail when tiled)" if facts["use_thumbnail"] else ""
@@ -244,6 +281,26 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_quantize(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from tinyomni import api
+    from tinyomni.engine import describe
+
+    mode = f"int{args.bits}"
+    console = Console(stderr=True)
+    with console.status(f"loading {args.model} and quantizing it to {mode} ..."):
+        model = api.load(args.model, dtype=args.dtype, quantize=mode)
+    with console.status(f"writing {args.out} ..."):
+        path = model.save(args.out)
+    facts = describe(model.model)
+    layers = ", ".join(f"{facts[f'{k} layers']} {k}" for k in ("int4", "int8") if f"{k} layers" in facts)
+    size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
+    console.print(f"wrote {path} ({size:,.1f} MiB; {layers} layers); load it with --model {path}", markup=False,
+                  highlight=False)
+    return 0
+
+
 def run_export(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -251,6 +308,9 @@ def run_export(args: argparse.Namespace) -> int:
 
     if args.to == "gguf" and args.text_only:
         print("error: --text-only is for --to hf (a GGUF file holds the text decoder alone anyway)", file=sys.stderr)
+        return 2
+    if args.to == "hf" and args.mmproj:
+        print("error: --mmproj is for --to gguf (llama.cpp's vision file)", file=sys.stderr)
         return 2
     if args.to == "hf" and args.outtype == "q8_0":
         print("error: --to hf writes f32, f16 or bf16 weights, not q8_0", file=sys.stderr)
@@ -273,10 +333,25 @@ def run_export(args: argparse.Namespace) -> int:
     from tinyomni.checkpoints.export_gguf import export_gguf
 
     outtype = args.outtype or "f16"
+    if args.mmproj:
+        from tinyomni.checkpoints.export_mmproj import mmproj_problems
+        from tinyomni.errors import InputError
+
+        problems = mmproj_problems(model.config)  # refused before either file is written
+        if problems:
+            raise InputError(f"{model.name} cannot be written as a llama.cpp mmproj: {'; '.join(problems)}")
     with console.status(f"writing {args.out} ({outtype}) ..."):
         path = export_gguf(model, args.out, outtype)
     console.print(f"wrote {path} ({path.stat().st_size / 2**20:,.1f} MiB): the text decoder, tokenizer and chat "
                   "template; llama.cpp runs it as it is")
+    if args.mmproj:
+        from tinyomni.checkpoints.export_mmproj import export_mmproj, projector_type
+
+        mm_type = "f32" if outtype == "f32" else "f16"
+        with console.status(f"writing {args.mmproj} ({mm_type}) ..."):
+            mm = export_mmproj(model, args.mmproj, mm_type)
+        console.print(f"wrote {mm} ({mm.stat().st_size / 2**20:,.1f} MiB): the vision tower and "
+                      f"{projector_type(model.config)} projector; llama-mtmd-cli -m {path} --mmproj {mm}", markup=False)
     return 0
 
 

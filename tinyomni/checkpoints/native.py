@@ -5,6 +5,8 @@
     tokenizer.json       + tokenizer_config.json (special ids)
     chat_template.jinja  the template chat uses
     generation_config.json  default sampling settings (optional; transformers' keys)
+    quantization.json    only in a quantized checkpoint: which modules hold int8/int4 blocks
+                         (engine/checkpoint.py; `tinyomni quantize` writes one)
 
 A checkpoint built on a base decoder (`config.base_decoder`, e.g. "smollm2") may store only what is
 not in the base: the encoders, projectors, and the embedding rows of the tokens it added. Writing is
@@ -13,11 +15,12 @@ atomic: a checkpoint directory is complete or absent, never half written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TEMPLATE_FILE = "chat_template.jinja"
 GENERATION_FILE = "generation_config.json"  # default sampling settings, transformers' format
+QUANTIZATION_FILE = "quantization.json"  # present in a quantized checkpoint (engine/checkpoint.py)
 ADDED_ROWS = "language_model.model.embed_tokens.added_rows"  # rows past the base vocabulary
 
 
@@ -109,6 +113,36 @@ def split_decoder(state: dict[str, torch.Tensor], base_vocab: int) -> dict[str, 
     if embed.shape[0] > base_vocab:
         out[ADDED_ROWS] = embed[base_vocab:]
     return out
+
+
+# torch.nn.init functions that modules call while they are built.
+_INIT_FUNCTIONS = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+                   "xavier_uniform_", "xavier_normal_", "zeros_", "ones_", "constant_")
+
+
+@contextlib.contextmanager
+def no_init() -> Iterator[None]:
+    """Build modules without initialising their weights, which are about to be replaced by a
+    checkpoint's: parameters stay `torch.empty` (memory reserved, never written, so never resident).
+
+    Not the meta device: under `torch.device("meta")` every factory call goes through torch's Python
+    reference ops, whose first use imports torch._dynamo (2-3 s of a 4 s start on this machine)."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    for name in _INIT_FUNCTIONS:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+def check_replaced(model: torch.nn.Module, before: dict[str, int], where: str) -> None:
+    """After `load_state_dict(..., assign=True)` into a `no_init` model: fail naming any stored tensor
+    still the uninitialised one (`before`: its data pointers when built), never serve garbage."""
+    left = [n for n, t in model.state_dict().items() if t.numel() and t.data_ptr() == before.get(n)]
+    if left:
+        raise CheckpointError(f"{where}: no weights for {_few(left)}")
 
 
 def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str,
