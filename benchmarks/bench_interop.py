@@ -4,6 +4,7 @@ image-to-first-token, on a random-weight model of InternVL2.5-1B's real shape, i
     python benchmarks/bench_interop.py            # fp32 and bf16, 2 timed repeats each (~6 min on 2 cores)
     python benchmarks/bench_interop.py --quick    # 1 timed repeat
     python benchmarks/bench_interop.py --dir /tmp/internvl-1b-shape   # keep (or reuse) the built model
+    python benchmarks/bench_interop.py --load-only --repeats 3        # load time and memory only (~2 min)
 
 The model is built with transformers from InternVL2.5-1B's published config numbers, with nothing
 downloaded: InternViT-300M (24 layers, 1024 wide, 16 heads, 448 px tiles, patch 14, layer scale),
@@ -15,7 +16,9 @@ BPE trained here (its ids sit inside the real vocabulary), so prompts are a few 
 Each (engine, dtype) runs in a fresh process, one after another:
 - load: from the directory to a model ready to run (tinyomni.load with its load cache off, i.e. the
   import itself; transformers' from_pretrained + tokenizer + image processor);
-- peak RSS: the process's peak resident memory after loading (ru_maxrss), and after the timed runs;
+- peak RSS: the process's peak resident memory after loading (VmHWM), and after the timed runs; and
+  "peak / weights": what loading added to the process (peak after load minus the resident memory just
+  before it) over the bytes of the loaded parameters (the issue's bound: about 1.3 at most);
 - vision encode: one 448-px tile through the vision tower and projector (tinyomni
   `OmniModel.encode_images`, transformers `get_image_features`);
 - image→first token: a one-tile 448×448 image and a short question, from the PIL image to the first
@@ -132,7 +135,15 @@ def timed(fn: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
-def worker(engine: str, dtype_name: str, path: Path, repeats: int) -> dict[str, float]:
+def rss_mb() -> float:
+    """This process's resident memory now (VmRSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def worker(engine: str, dtype_name: str, path: Path, repeats: int, load_only: bool = False) -> dict[str, float]:
     dtype = DTYPES[dtype_name]
     image = test_image()
     pixels = torch.randn(1, 3, TILE, TILE, generator=torch.Generator().manual_seed(1)).to(dtype)
@@ -141,10 +152,12 @@ def worker(engine: str, dtype_name: str, path: Path, repeats: int) -> dict[str, 
         os.environ["TINYOMNI_CACHE"] = "off"  # the import itself, not a cache read
         import tinyomni
 
+        rss_before = rss_mb()
         start = time.perf_counter()
         model = tinyomni.load(path, dtype=dtype)
         load_s = time.perf_counter() - start
         rss_load = peak_rss_mb()
+        weights_mb = sum(p.numel() * p.element_size() for p in model.model.parameters()) / 2**20
         messages = [{"role": "user", "content": [{"type": "image", "image": image},
                                                  {"type": "text", "text": QUESTION}]}]
 
@@ -160,12 +173,14 @@ def worker(engine: str, dtype_name: str, path: Path, repeats: int) -> dict[str, 
         import transformers
         from transformers.processing_utils import ProcessorMixin
 
+        rss_before = rss_mb()
         start = time.perf_counter()
         model = transformers.InternVLForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         images = transformers.AutoImageProcessor.from_pretrained(path)
         load_s = time.perf_counter() - start
         rss_load = peak_rss_mb()
+        weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
         # AutoProcessor would also build InternVL's video processor, which needs torchvision: the class
         # check is skipped for that absent argument only (as tests/test_interop_internvl.py does).
         original = ProcessorMixin.check_argument_for_proper_class
@@ -187,14 +202,17 @@ def worker(engine: str, dtype_name: str, path: Path, repeats: int) -> dict[str, 
             assert out.shape[1] == inputs["input_ids"].shape[1] + 1
 
         prompt_tokens = processor(images=[image], text=[text], return_tensors="pt")["input_ids"].shape[1]
-    return {"load_s": load_s, "rss_load_mb": rss_load, "encode_s": timed(encode, repeats),
-            "first_token_s": timed(first_token, repeats), "rss_peak_mb": peak_rss_mb(),
-            "prompt_tokens": prompt_tokens, "threads": torch.get_num_threads()}
+    loading = {"load_s": load_s, "rss_load_mb": rss_load, "load_over_weights": (rss_load - rss_before) / weights_mb,
+               "prompt_tokens": prompt_tokens, "threads": torch.get_num_threads()}
+    if load_only:
+        return loading
+    return {**loading, "encode_s": timed(encode, repeats),
+            "first_token_s": timed(first_token, repeats), "rss_peak_mb": peak_rss_mb()}
 
 
-def run_worker(engine: str, dtype: str, path: Path, repeats: int) -> dict[str, float]:
+def run_worker(engine: str, dtype: str, path: Path, repeats: int, load_only: bool = False) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--worker", engine, "--dtype", dtype, "--dir", str(path),
-           "--repeats", str(repeats)]
+           "--repeats", str(repeats)] + (["--load-only"] if load_only else [])
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{engine} {dtype} failed:\n{done.stderr[-4000:]}")
@@ -208,12 +226,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--dir", type=Path, default=None, help="where the model is built (reused if there)")
+    parser.add_argument("--load-only", action="store_true",
+                        help="measure loading only: each (engine, dtype) loaded --repeats times, fresh processes "
+                             "taking turns, medians reported")
     parser.add_argument("--worker", choices=["tinyomni", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--dtype", choices=list(DTYPES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 2)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.dtype, args.dir, repeats)))
+        print(json.dumps(worker(args.worker, args.dtype, args.dir, repeats, args.load_only)))
         return
 
     from rich.console import Console
@@ -227,8 +248,16 @@ def main() -> None:
             build(path)
             size = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e9
             console.print(f"built {path} ({size:.2f} GB bf16) in {time.perf_counter() - start:.0f} s")
-        results = {(engine, dtype): run_worker(engine, dtype, path, repeats)
-                   for dtype in args.dtypes for engine in ("transformers", "tinyomni")}
+        if args.load_only:  # a load is one process: repeat whole processes, taking turns, keep medians
+            runs: dict[tuple[str, str], list[dict[str, float]]] = {}
+            for _ in range(repeats):
+                for dtype in args.dtypes:
+                    for engine in ("transformers", "tinyomni"):
+                        runs.setdefault((engine, dtype), []).append(run_worker(engine, dtype, path, 1, True))
+            results = {key: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for key, rs in runs.items()}
+        else:
+            results = {(engine, dtype): run_worker(engine, dtype, path, repeats)
+                       for dtype in args.dtypes for engine in ("transformers", "tinyomni")}
 
     any_result = next(iter(results.values()))
     table = Table(title=f"InternVL2.5-1B shape (random weights), one 448-px tile, prompt "
@@ -237,9 +266,11 @@ def main() -> None:
     for column in ("dtype", "measure", "transformers", "tinyomni", "×"):
         table.add_column(column, justify="left" if column in ("dtype", "measure") else "right")
     measures = [("load (s)", "load_s", "{:.2f}"), ("peak RSS after load (MB)", "rss_load_mb", "{:.0f}"),
+                ("load's peak / weights", "load_over_weights", "{:.2f}"),
                 ("peak RSS after the runs (MB)", "rss_peak_mb", "{:.0f}"),
                 ("vision encode, 1 tile (s)", "encode_s", "{:.3f}"),
                 ("image → first token (s)", "first_token_s", "{:.3f}")]
+    measures = [m for m in measures if m[1] in any_result]
     for dtype in args.dtypes:
         hf, ours = results[("transformers", dtype)], results[("tinyomni", dtype)]
         for label, key, fmt in measures:

@@ -356,8 +356,8 @@ def test_saved_import_loads_back_as_a_native_checkpoint(qwen2_dir: Path, tmp_pat
 # --- the architecture table and errors ----------------------------------------------------------------
 def test_an_unsupported_architecture_is_named_with_the_supported_ones(qwen2_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(
-        {"architectures": ["Blip2ForConditionalGeneration"], "model_type": "blip-2", "text_config": {}}))
-    with pytest.raises(CheckpointError, match="Blip2ForConditionalGeneration is not supported") as err:
+        {"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "text_config": {}}))
+    with pytest.raises(CheckpointError, match="Qwen2VLForConditionalGeneration is not supported") as err:
         tinyomni.load(tmp_path)
     for name in ARCHITECTURES:
         assert name in str(err.value)
@@ -373,9 +373,9 @@ def test_the_cli_chats_with_an_internvl_directory_and_refuses_an_unknown_one(qwe
     assert main(["info", "--model", str(qwen2_dir), "--image-size", "120x80"]) == 0
     assert "image 120x80" in capsys.readouterr().out
     (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "config.json").write_text(json.dumps({"architectures": ["Blip2ForConditionalGeneration"]}))
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({"architectures": ["Qwen2VLForConditionalGeneration"]}))
     assert main(["chat", "--model", str(tmp_path / "bad"), "hi"]) == 2  # refused by name, not read in part
-    assert "Blip2ForConditionalGeneration is not supported" in capsys.readouterr().err
+    assert "Qwen2VLForConditionalGeneration is not supported" in capsys.readouterr().err
 
 
 def test_a_plain_decoder_directory_still_loads_as_a_base_decoder(tmp_path: Path) -> None:

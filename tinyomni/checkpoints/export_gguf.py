@@ -41,6 +41,8 @@ def export_gguf(model: Model, path: str | Path, outtype: str = "f16") -> Path:
     if outtype not in OUT_TYPES:
         raise InputError(f"unknown GGUF outtype {outtype!r}; use one of {', '.join(OUT_TYPES)}")
     config = model.config.decoder
+    if config.kind != "llama":
+        raise InputError(f"a decoder of kind {config.kind!r} cannot be exported to GGUF yet (Llama / Qwen2 can)")
     if config.rope_scaling is not None and config.rope_scaling.get("rope_type", "default") not in ("default", "linear"):
         raise InputError(f"rope_scaling {config.rope_scaling} cannot be exported to GGUF yet (linear can)")
     arch = "qwen2" if config.attention_bias else "llama"

@@ -55,6 +55,7 @@ FIXED_FIELDS: list[tuple[str, str, Any, str]] = [
     ("vision", "feature_layers", (), "InternVL's projector reads one hidden state"),
     ("vision", "feature_select", "patches", "InternVL drops the CLS token and keeps every patch"),
     ("vision_projector", "layer_norm", True, "InternVL's projector normalises its input first"),
+    ("vision_projector", "kind", "mlp", "InternVL's projector is the two-layer MLP"),
     ("", "image_wrap", True, "InternVLProcessor writes <img> and </img> around each image"),
     ("", "images_in_template", False, "the exported template places each image where its part is"),
     ("", "image_resize", "tiles", "InternVL's image processor tiles"),
@@ -106,6 +107,8 @@ def _print_note(line: str) -> None:
 def decoder_problems(decoder: DecoderConfig) -> list[str]:
     """What of our decoder neither Llama nor Qwen2 in transformers computes the same way."""
     problems = []
+    if decoder.kind != "llama":
+        problems.append(f"decoder.kind {decoder.kind!r} (Llama / Qwen2 layers only)")
     scaling = decoder.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in ("default", "linear", "llama3"):

@@ -388,7 +388,7 @@ def load_hf_vision_tower(path: str | Path, dtype: torch.dtype | None = None) -> 
 
     Only the vision tower's tensors are read, so a whole VLM checkpoint costs no more than its ViT.
     """
-    from safetensors import safe_open
+    from tinyomni.checkpoints import weights
 
     path = Path(path)
     config_file = path / "config.json"
@@ -402,11 +402,12 @@ def load_hf_vision_tower(path: str | Path, dtype: torch.dtype | None = None) -> 
     config = vision_config_from_hf(hf_config)
     _image_stats(path, config)
 
-    handles = [safe_open(str(f), framework="pt") for f in _safetensors_files(path)]
-    where = {key: h for h in handles for key in h.keys()}
+    where: dict[str, weights.Stored] = {}
+    for file in _safetensors_files(path):
+        where.update(weights.read_header(file))
     model_type = section.get("model_type") or hf_config["model_type"]
     plan = plan_hf_vision_names(where, model_type)
-    state_dict = _apply_plan(plan, lambda key: where[key].get_tensor(key), MAPPINGS[family])
+    state_dict = _apply_plan(plan, lambda key: weights.map_tensor(where[key]), MAPPINGS[family])
 
     model = VisionEncoder(config)
     prefix = _tower_prefix(where)

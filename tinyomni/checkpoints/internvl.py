@@ -37,9 +37,10 @@ from typing import Any
 
 import torch
 
-from tinyomni.checkpoints import hf_vision
+from tinyomni.checkpoints import hf_vision, native
 from tinyomni.checkpoints.families import Imported, read_hf_config
 from tinyomni.checkpoints.hf_llama import decoder_config_from_hf
+from tinyomni.checkpoints.weights import Weights
 from tinyomni.config import ACTIVATIONS, DecoderConfig, OmniConfig, ProjectorConfig, VisionConfig
 from tinyomni.errors import CheckpointError, ConfigError
 from tinyomni.processing.image import IMAGENET_MEAN, IMAGENET_STD
@@ -166,42 +167,7 @@ def hf_name(ours: str) -> str | None:
     return None
 
 
-# --- weights -----------------------------------------------------------------------------------------
-class Weights:
-    """The tensors of a safetensors checkpoint (one file or an index of shards), each read on demand."""
-
-    def __init__(self, path: Path) -> None:
-        from safetensors import SafetensorError, safe_open
-
-        index = path / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text()).get("weight_map", {})
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{index} is not valid JSON: {e}") from None
-            files = [path / name for name in sorted(set(weight_map.values()))]
-            absent = [f.name for f in files if not f.is_file()]
-            if absent:
-                raise CheckpointError(f"{path}: weight shard(s) listed in {index.name} are missing: "
-                                      f"{', '.join(absent)}")
-        elif (path / "model.safetensors").is_file():
-            files = [path / "model.safetensors"]
-        else:
-            raise CheckpointError(f"no model.safetensors (or model.safetensors.index.json) in {path}")
-        self.where: dict[str, Any] = {}
-        for file in files:
-            try:
-                handle = safe_open(str(file), framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"{file} is corrupt or truncated ({e})") from None
-            for key in handle.keys():
-                self.where[key] = handle
-
-    def keys(self) -> list[str]:
-        return list(self.where)
-
-    def get(self, key: str) -> torch.Tensor:
-        return self.where[key].get_tensor(key)
+# --- weights: checkpoints/weights.py (each tensor its own memory map of the file) ----------------------
 
 
 def _split_qkv(state: dict[str, torch.Tensor]) -> None:
@@ -260,7 +226,10 @@ def _check_complete(config: OmniConfig, state: dict[str, torch.Tensor], their_na
     """Every tensor the model needs is there, with its shape; names the checkpoint's missing ones."""
     from tinyomni.model.omni import OmniModel
 
-    with torch.device("meta"):  # shapes only, no memory
+    # Shapes only: built without initialising (its tensors are reserved, never written, so never resident),
+    # and not on the meta device, where torch.arange (the RoPE tables) and the init ops run torch's
+    # Python reference ops, whose first use imports torch._dynamo: seconds of every load.
+    with native.no_init():
         expected = {k: v.shape for k, v in OmniModel(config).state_dict().items()}
     tied = config.decoder.tie_word_embeddings
     missing = [k for k in expected if k not in state and not (tied and k == OUR_PREFIX["head"] + "weight")]
