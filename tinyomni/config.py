@@ -111,6 +111,14 @@ class AudioConfig:
     activation_function: str = "gelu"
     layer_norm_eps: float = 1e-5
     pool_stride: int = 2  # average-pool the encoder output: 2 → 25 tokens per second
+    # Qwen2-Audio's layout (both False by default). pad_to_chunk: a clip's features are those of
+    # the clip zero-padded to the 30 s chunk, as WhisperFeatureExtractor(padding="max_length") makes them
+    # (one dB floor for the whole chunk; see processing/audio.chunk_log_mel), and the encoder sees only the
+    # clip's positions (its attention mask). pool_before_norm: average-pool before the final LayerNorm, over
+    # whole windows only, an odd tail position dropped (nn.AvgPool1d); False: after it, a short tail window
+    # averaging what it has.
+    pad_to_chunk: bool = False
+    pool_before_norm: bool = False
 
     def validate(self) -> None:
         _require(self.d_model % self.encoder_attention_heads == 0,
@@ -118,6 +126,37 @@ class AudioConfig:
         _require(self.pool_stride >= 1, "audio.pool_stride must be >= 1")
         _require(self.activation_function in ACTIVATIONS,
                  f"audio.activation_function must be one of {sorted(ACTIVATIONS)}")
+
+
+@dataclass
+class QFormerConfig:
+    """ProjectorConfig.kind "qformer" (BLIP-2 / InstructBLIP's Querying Transformer, tinyomni.model.qformer):
+    num_query_tokens learned queries through BERT-style layers, cross-attending to the tower's features every
+    cross_attention_frequency layers, then a Linear to the decoder width: that many tokens per tile.
+    instruction_aware (InstructBLIP): the instruction's tokens, in the Q-Former's own vocabulary (vocab_size,
+    max_position_embeddings positions), join the queries in the self-attention."""
+
+    num_query_tokens: int = 32
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-12
+    cross_attention_frequency: int = 2
+    instruction_aware: bool = False
+    vocab_size: int = 30522
+    max_position_embeddings: int = 512
+
+    def validate(self) -> None:
+        _require(min(self.num_query_tokens, self.hidden_size, self.num_hidden_layers, self.num_attention_heads,
+                     self.intermediate_size, self.cross_attention_frequency) > 0,
+                 "projector.qformer sizes, layers, heads and cross_attention_frequency must be positive")
+        _require(self.hidden_size % self.num_attention_heads == 0,
+                 "projector.qformer.hidden_size must be divisible by num_attention_heads")
+        _require(self.hidden_act in ACTIVATIONS, f"projector.qformer.hidden_act must be one of {sorted(ACTIVATIONS)}")
+        _require(not self.instruction_aware or min(self.vocab_size, self.max_position_embeddings) > 0,
+                 "projector.qformer.vocab_size and max_position_embeddings must be positive (instruction_aware)")
 
 
 @dataclass
@@ -130,14 +169,47 @@ class ProjectorConfig:
     hidden_act: str = "gelu"  # between the two linears (InternVL's projector_hidden_act)
     layer_norm: bool = True  # InternVL normalises the input first; LLaVA's projector has no LayerNorm
     kind: str = "mlp"  # "linear": no LayerNorm, activation or hidden layer (hidden_size, hidden_act unused)
+    # kind "linear" with a bias, for the audio projector only (Qwen2-Audio's multi_modal_projector.linear)
+    linear_bias: bool = False
+    # kind "resampler" (Idefics2's perceiver resampler, tinyomni.model.resampler): a gated MLP to the decoder
+    # width (hidden_size its inner width, hidden_act its gate's activation), then resampler_n_latents learned
+    # latents that attend, resampler_depth times, to [features ; latents]: that many tokens per tile,
+    # whatever the tile's size. layer_norm is unused.
+    resampler_n_latents: int = 64
+    resampler_depth: int = 3
+    resampler_n_heads: int = 16
+    resampler_head_dim: int = 96
+    resampler_n_kv_heads: int = 4
+    resampler_hidden_act: str = "silu"  # the perceiver blocks' gated MLP
+    resampler_rms_norm_eps: float = 1e-6
+    # kind "qformer": the Q-Former's settings (None: QFormerConfig's defaults); downsample_ratio must be 1.
+    qformer: QFormerConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind == "qformer" and self.qformer is None:
+            self.qformer = QFormerConfig()
+        if isinstance(self.qformer, dict):  # from JSON or a recipe
+            self.qformer = _build(QFormerConfig, self.qformer, "projector.qformer")
 
     def validate(self) -> None:
         _require(0 < self.downsample_ratio <= 1, "projector.downsample_ratio must be in (0, 1]")
+        if self.kind == "qformer":
+            _require(self.downsample_ratio == 1, "projector.kind 'qformer' reads every feature token: "
+                     "downsample_ratio must be 1")
+            self.qformer.validate()
         _require(self.kind in PROJECTOR_KINDS,
                  f"projector.kind must be one of {', '.join(PROJECTOR_KINDS)}, got {self.kind!r}")
         _require(self.hidden_act in ACTIVATIONS, f"projector.hidden_act must be one of {sorted(ACTIVATIONS)}")
         _require(round(1 / self.downsample_ratio) == 1 / self.downsample_ratio,
                  "projector.downsample_ratio must be 1/k for an integer k")
+        if self.kind == "resampler":
+            _require(min(self.resampler_n_latents, self.resampler_depth, self.resampler_n_heads,
+                         self.resampler_head_dim, self.resampler_n_kv_heads) > 0,
+                     "projector.resampler_n_latents, _depth, _n_heads, _head_dim and _n_kv_heads must be positive")
+            _require(self.resampler_n_heads % self.resampler_n_kv_heads == 0,
+                     "projector.resampler_n_heads must be a multiple of resampler_n_kv_heads")
+            _require(self.resampler_hidden_act in ACTIVATIONS,
+                     f"projector.resampler_hidden_act must be one of {sorted(ACTIVATIONS)}")
 
 
 @dataclass
@@ -161,10 +233,25 @@ class DecoderConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
+    # "opt": an OPT decoder (tinyomni.model.opt: learned positions, LayerNorm, a hidden_act MLP with biases;
+    # num_key_value_heads = num_attention_heads, rms_norm_eps and the RoPE fields unused), as in BLIP-2.
+    kind: str = "llama"
+    # "phi": a Phi-2 decoder (tinyomni.model.phi: parallel attention and MLP after one LayerNorm, biases
+    # everywhere, the LM head's too; rms_norm_eps and rope_scaling unused). Rotary embeddings cover the first
+    # int(head_dim * partial_rotary_factor) channels of each head; qk_layernorm: a LayerNorm over each
+    # query and key head. Unused by the other kinds.
+    partial_rotary_factor: float = 1.0
+    layer_norm_eps: float = 1e-5
+    qk_layernorm: bool = False
 
     @property
     def attn_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Channels of each head that RoPE rotates (Phi's partial rotary; all of them otherwise)."""
+        return int(self.attn_head_dim * self.partial_rotary_factor)
 
     def validate(self) -> None:
         _require(self.num_attention_heads % self.num_key_value_heads == 0,
@@ -175,6 +262,14 @@ class DecoderConfig:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             _require(kind in ("linear", "llama3", "default"),
                      f"decoder.rope_scaling type {kind!r} is not supported (linear, llama3)")
+        _require(self.kind in ("llama", "opt", "phi"), f"decoder.kind must be llama, opt or phi, got {self.kind!r}")
+        _require(self.kind != "phi" or (0 < self.partial_rotary_factor <= 1 and self.rotary_dim % 2 == 0
+                                        and self.rotary_dim > 0),
+                 f"decoder.partial_rotary_factor {self.partial_rotary_factor} gives {self.rotary_dim} rotary "
+                 f"channels of {self.attn_head_dim}: it must be in (0, 1] and give a positive even count")
+        _require(self.kind != "opt" or (self.num_key_value_heads == self.num_attention_heads
+                                        and self.head_dim in (None, self.hidden_size // self.num_attention_heads)),
+                 "decoder.kind 'opt' has plain multi-head attention: num_key_value_heads = num_attention_heads")
 
 
 @dataclass
@@ -207,6 +302,10 @@ class OmniConfig:
     # becomes the next image's run. False: the template sees each message's content as one string and
     # images sit where they are in the content, each followed by a newline.
     images_in_template: bool = False
+    # The same for audio (Qwen2-Audio's template writes "Audio k: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
+    # for each audio part): each audio_context_token the template writes becomes the next clip's run, and
+    # the start and end tokens around it are the template's own text.
+    audio_in_template: bool = False
     # How an image becomes tiles: "tiles" (InternVL's dynamic resolution, min_tiles..max_tiles) or
     # "shortest_edge" (CLIP's processor: resize the shorter side to image_shortest_edge, keeping the
     # aspect ratio, then centre-crop one tile). image_pad_to_square first pads the image to a square with
@@ -225,6 +324,15 @@ class OmniConfig:
     # after each row, then the global image as "\n", image_start_token, image_global_token, its run and
     # image_start_token again; one tile alone is only the global part). See processing/smolvlm.py.
     image_prompt: str = "run"
+    # image_prompt "prefix" (BLIP-2 / InstructBLIP's processors): every image's run at the very start of the
+    # prompt, before any BOS, and nothing where the image sits in the conversation.
+    # image_resize "native" (Idefics2's image processor): each image keeps its aspect ratio and about its own
+    # size (the longer side at most image_longest_edge, each side at least image_shortest_edge), with
+    # image_splitting its four quarters first and the whole image last; the images of a prompt are padded
+    # (bottom, right) to the largest, padding pixels NaN (the vision tower masks them). It needs the
+    # resampler, whose token count does not depend on the size. image_prompt "tile_runs" (Idefics2Processor):
+    # each tile's run between image_start_token's, images next to each other sharing one, a space after the
+    # last when a word follows. See processing/idefics2.py.
     image_global_token: str = "<global-img>"
     video_frames: int = 8
     # Where the decoder weights come from when this checkpoint does not store them (e.g. "smollm2").
@@ -239,6 +347,10 @@ class OmniConfig:
     def image_tokens_per_tile(self) -> int:
         if self.vision is None:
             return 0
+        if self.vision_projector.kind == "resampler":  # a fixed number of latents, whatever the tile
+            return self.vision_projector.resampler_n_latents
+        if self.vision_projector.kind == "qformer":  # a fixed number of learned queries, whatever the tile
+            return self.vision_projector.qformer.num_query_tokens
         r = self.vision_projector.downsample_ratio
         return round(self.vision.num_feature_tokens * r * r)  # round: r = 1/3 is not exact in binary
 
@@ -262,8 +374,16 @@ class OmniConfig:
         _require(self.image_longest_edge is None or self.image_longest_edge > 0, "image_longest_edge must be positive")
         _require(self.image_prompt in IMAGE_PROMPTS,
                  f"image_prompt must be one of {', '.join(IMAGE_PROMPTS)}, got {self.image_prompt!r}")
+        _require(self.image_resize != "native" or (self.vision_projector.kind == "resampler"
+                                                   and self.vision_projector.downsample_ratio == 1),
+                 "image_resize 'native' (images of any size) needs projector.kind 'resampler' and "
+                 "downsample_ratio 1: a fixed number of tokens per tile, whatever its size")
         if self.audio is not None:
             self.audio.validate()
+            _require(self.audio_projector.kind in ("mlp", "linear"),
+                     f"audio_projector.kind must be mlp or linear, got {self.audio_projector.kind!r}")
+        _require(not self.vision_projector.linear_bias,
+                 "vision_projector.linear_bias is not supported (the vision linear projector has no bias)")
         _require(1 <= self.min_tiles <= self.max_tiles, "min_tiles must be >= 1 and <= max_tiles")
 
     # --- JSON round trip -------------------------------------------------------------------------
@@ -308,9 +428,9 @@ class OmniConfig:
 
 
 FEATURE_SELECT = ("patches", "full", "drop_first")
-IMAGE_RESIZE = ("tiles", "shortest_edge", "longest_edge")
-IMAGE_PROMPTS = ("run", "grid")
-PROJECTOR_KINDS = ("mlp", "linear")
+IMAGE_RESIZE = ("tiles", "shortest_edge", "longest_edge", "native")
+IMAGE_PROMPTS = ("run", "grid", "tile_runs", "prefix")
+PROJECTOR_KINDS = ("mlp", "linear", "resampler", "qformer")
 ACTIVATIONS = {"gelu", "gelu_pytorch_tanh", "gelu_new", "quick_gelu", "silu", "relu"}
 
 

@@ -18,7 +18,7 @@ from torch import Tensor
 from tinyomni.errors import ContextLengthError, InputError
 from tinyomni.model.decoder import CacheState
 from tinyomni.model.omni import OmniModel
-from tinyomni.processing.chat import Prompt
+from tinyomni.processing.chat import Prompt, stack_tiles
 from tinyomni.processing.tokenizer import Tokenizer
 
 # Bounds every front end shares (the API, the CLI, the server): values outside them are refused with the
@@ -271,8 +271,9 @@ class Generation:
 
         pixel_values = [p.pixel_values for p in self.prompts if p.pixel_values is not None]
         audio = [a for p in self.prompts for a in p.audio_features]
-        logits, _ = model(input_ids, pixel_values=torch.cat(pixel_values).to(device) if pixel_values else None,
-                          audio_features=[a.to(device) for a in audio],
+        qformer = [torch.tensor(q, device=device) for p in self.prompts for q in p.qformer_input_ids]
+        logits, _ = model(input_ids, pixel_values=stack_tiles(pixel_values).to(device) if pixel_values else None,
+                          audio_features=[a.to(device) for a in audio], qformer_input_ids=qformer or None,
                           attention_mask=key_valid[:, :T] if padded else None, position_ids=position_ids,
                           cache=CacheState(kv, torch.arange(T, device=device), T), logits_to_keep=1)
         logits = logits[:, -1]

@@ -10,6 +10,8 @@ Two kinds of family:
   it (`tinyomni.api.from_base_decoder`, fresh encoders);
 - a whole multimodal model (InternVL): `read(directory)` returns an `Imported` checkpoint, everything
   in our names, ready to load into an `OmniModel`.
+(And a dual encoder, CLIP / SigLIP: not a chat model, so `read` refuses it by name and `embed(directory)`
+reads it for tinyomni.retrieval.)
 
 Adding a family is one file in this package and one line here.
 """
@@ -49,6 +51,9 @@ class Family:
 
     name: str
     read: Callable[[Path], Imported] | None = None
+    # A dual encoder (CLIP / SigLIP): it embeds, it does not chat. `read` then refuses by name, and
+    # `embed(directory)` reads it for tinyomni.retrieval.
+    embed: Callable[[Path], Any] | None = None
 
 
 def _read_internvl_hf(path: Path) -> Imported:
@@ -81,34 +86,89 @@ def _read_idefics3(path: Path) -> Imported:
     return smolvlm.read_idefics3(path)
 
 
+def _read_qwen2_audio(path: Path) -> Imported:
+    from tinyomni.checkpoints import qwen2_audio
+
+    return qwen2_audio.read_qwen2_audio(path)
+
+
+def _read_blip2(path: Path) -> Imported:
+    from tinyomni.checkpoints import blip2
+
+    return blip2.read_blip2(path)
+
+
+def _read_instructblip(path: Path) -> Imported:
+    from tinyomni.checkpoints import instructblip
+
+    return instructblip.read_instructblip(path)
+
+
+def _read_idefics2(path: Path) -> Imported:
+    from tinyomni.checkpoints import idefics2
+
+    return idefics2.read_idefics2(path)
+
+
+def _read_dual_encoder(path: Path) -> Any:
+    from tinyomni.checkpoints import clip
+
+    return clip.read_dual_encoder(path)
+
+
+def _not_a_chat_model(path: Path) -> Imported:
+    raise CheckpointError(f"{path} is a dual encoder (CLIP / SigLIP): it embeds images and texts, it does not chat; "
+                          "use tinyomni.retrieval.load(path) or `tinyomni embed --model PATH`")
+
+
 DECODER = Family("decoder")
 INTERNVL_HF = Family("internvl", _read_internvl_hf)
 INTERNVL_CHAT = Family("internvl-original", _read_internvl_chat)
 LLAVA = Family("llava", _read_llava)
 SMOLVLM = Family("smolvlm", _read_smolvlm)
 IDEFICS3 = Family("idefics3", _read_idefics3)
+QWEN2_AUDIO = Family("qwen2-audio", _read_qwen2_audio)
+IDEFICS2 = Family("idefics2", _read_idefics2)
+INSTRUCTBLIP = Family("instructblip", _read_instructblip)
+BLIP2 = Family("blip-2", _read_blip2)
+CLIP = Family("clip", _not_a_chat_model, _read_dual_encoder)
+SIGLIP = Family("siglip", _not_a_chat_model, _read_dual_encoder)
 
 # config.json "architectures" entry → family. Exact names only.
 ARCHITECTURES: dict[str, Family] = {
     "LlamaForCausalLM": DECODER,
     "Qwen2ForCausalLM": DECODER,
     "MistralForCausalLM": DECODER,
+    "PhiForCausalLM": DECODER,  # Phi-1.5 / Phi-2 (TinyGPT-V's decoder; checkpoints/hf_phi.py)
     "InternVLForConditionalGeneration": INTERNVL_HF,  # the transformers-native "-hf" InternVL2.5 / InternVL3
     "InternVLChatModel": INTERNVL_CHAT,  # OpenGVLab's original layout (trust_remote_code)
     "LlavaForConditionalGeneration": LLAVA,  # LLaVA-1.5 "-hf", TinyLLaVA "-hf" (CLIP/SigLIP + Llama/Qwen2)
     "SmolVLMForConditionalGeneration": SMOLVLM,  # SmolVLM / SmolVLM2 (SigLIP + SmolLM2), image input
     "Idefics3ForConditionalGeneration": IDEFICS3,  # Idefics3-8B-Llama3 (SigLIP + Llama 3)
+    "Qwen2AudioForConditionalGeneration": QWEN2_AUDIO,  # Qwen2-Audio-7B(-Instruct) (Whisper + Qwen2)
+    "InstructBlipForConditionalGeneration": INSTRUCTBLIP,  # InstructBLIP-Vicuna (BLIP ViT + Q-Former + Llama)
+    "Blip2ForConditionalGeneration": BLIP2,  # BLIP-2 OPT (BLIP ViT + queries-only Q-Former + OPT)
+    "Idefics2ForConditionalGeneration": IDEFICS2,  # Idefics2-8B (SigLIP + perceiver resampler + Mistral)
+    "CLIPModel": CLIP,  # dual encoder for retrieval (checkpoints/clip.py; tinyomni.retrieval)
+    "SiglipModel": SIGLIP,  # dual encoder for retrieval (a tokenizer.json needed: see checkpoints/clip.py)
 }
 # Only for a config.json without "architectures" (hand-written or very old): its model_type.
 MODEL_TYPES: dict[str, Family] = {
     "llama": DECODER,
     "qwen2": DECODER,
     "mistral": DECODER,
+    "phi": DECODER,
     "internvl": INTERNVL_HF,
     "internvl_chat": INTERNVL_CHAT,
     "llava": LLAVA,
     "smolvlm": SMOLVLM,
     "idefics3": IDEFICS3,
+    "qwen2_audio": QWEN2_AUDIO,
+    "idefics2": IDEFICS2,
+    "instructblip": INSTRUCTBLIP,
+    "blip-2": BLIP2,
+    "clip": CLIP,
+    "siglip": SIGLIP,
 }
 
 

@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from tinyomni.checkpoints.hf_phi import phi_decoder_config
 from tinyomni.config import DecoderConfig
 from tinyomni.errors import CheckpointError
 
@@ -21,6 +22,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
 def decoder_config_from_hf(hf: dict) -> DecoderConfig:
     model_type = hf.get("model_type")
+    if model_type == "phi":  # same weight names as ours, its own config (checkpoints/hf_phi.py)
+        return phi_decoder_config(hf)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(f"model_type {model_type!r} is not a supported decoder ({SUPPORTED_MODEL_TYPES})")
     heads = hf["num_attention_heads"]

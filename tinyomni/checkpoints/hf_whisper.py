@@ -48,6 +48,9 @@ GLOBAL_NAMES = {
 }
 # Where the encoder lives in each kind of saved model, tried in this order.
 ENCODER_PREFIXES = ("model.encoder.", "encoder.", "")
+# Configs of the same encoder: Whisper's, and Qwen2-Audio's audio_config (its tower adds only a
+# parameter-free average pool, see checkpoints/qwen2_audio.py).
+MODEL_TYPES = ("whisper", "qwen2_audio_encoder")
 
 
 def whisper_name_map(num_layers: int) -> dict[str, str]:
@@ -59,14 +62,15 @@ def whisper_name_map(num_layers: int) -> dict[str, str]:
 
 
 def audio_config_from_hf(hf_config: dict[str, Any], pool_stride: int = 1) -> AudioConfig:
-    """Our `AudioConfig` from a Whisper `config.json` dict.
+    """Our `AudioConfig` from a Whisper `config.json` dict (or Qwen2-Audio's `audio_config`).
 
     `pool_stride` defaults to 1, which reproduces Whisper's encoder output exactly; an omni model
     that wants fewer audio tokens sets 2 or more.
     """
     model_type = hf_config.get("model_type", "whisper")
-    if model_type != "whisper":
-        raise ConfigError(f"expected a Whisper config (model_type 'whisper'), got model_type {model_type!r}")
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(f"expected a Whisper config (model_type {' or '.join(map(repr, MODEL_TYPES))}), "
+                          f"got model_type {model_type!r}")
     required = ("num_mel_bins", "d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
                 "max_source_positions")
     missing = [key for key in required if key not in hf_config]

@@ -4,6 +4,9 @@ Parameter names are those of transformers' `WhisperEncoder` (`conv1`, `embed_pos
 `layers.N.self_attn.q_proj`, `layers.N.fc1`, `layer_norm`, ...), so Whisper weights load by a rename
 (see `tinyomni.checkpoints.hf_whisper`). Unlike Whisper, clips need not be padded to 30 s: the
 positions are sliced to the clip's length, and a batch of unequal clips can be masked.
+
+Qwen2-Audio's tower is the same encoder with `AudioConfig.pad_to_chunk` (features of the clip padded to
+30 s, attention to the clip's positions only) and `pool_before_norm` (nn.AvgPool1d, then the final norm).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch import Tensor, nn
 from tinyomni.config import AudioConfig
 from tinyomni.errors import InputError
 from tinyomni.model.activations import get_activation
+from tinyomni.processing.audio import CHUNK_CONTEXT_FRAMES
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Tensor:
@@ -33,12 +37,16 @@ def conv_output_length(num_frames: int) -> int:
 
 
 def audio_output_length(num_frames: int, config: AudioConfig) -> int:
-    """How many embeddings `AudioEncoder` returns for `num_frames` mel frames (the placeholder count).
+    """How many embeddings `AudioEncoder` returns for a clip of `num_frames` mel frames (the placeholder
+    count; with `pad_to_chunk`, the clip's own frames, not the chunk's).
 
     The pooling window at the tail averages whatever frames remain, so no frame is dropped:
-    ceil(ceil(frames / 2) / pool_stride).
+    ceil(ceil(frames / 2) / pool_stride). With `pool_before_norm` only whole windows count:
+    floor(ceil(frames / 2) / pool_stride), as Qwen2-Audio's `_get_feat_extract_output_lengths`.
     """
     positions = conv_output_length(num_frames)
+    if config.pool_before_norm:
+        return positions // config.pool_stride
     return -(-positions // config.pool_stride)
 
 
@@ -87,7 +95,11 @@ class AudioEncoderLayer(nn.Module):
 
 
 class AudioEncoder(nn.Module):
-    """Log-mel `[B, n_mels, frames]` → embeddings `[B, audio_output_length(frames), d_model]`."""
+    """Log-mel `[B, n_mels, frames]` → embeddings `[B, audio_output_length(frames), d_model]`.
+
+    With `config.pad_to_chunk` the input is one clip's features as `processing.audio.chunk_log_mel`
+    gives them: its own frames and the CHUNK_CONTEXT_FRAMES after them in the padded chunk.
+    """
 
     def __init__(self, config: AudioConfig) -> None:
         super().__init__()
@@ -120,6 +132,13 @@ class AudioEncoder(nn.Module):
             raise InputError(f"audio features must be [batch, {self.config.num_mel_bins} mel bins, frames], "
                              f"got {tuple(input_features.shape)}")
         frames = input_features.shape[-1]
+        if self.config.pad_to_chunk:
+            if attention_mask is not None:
+                raise InputError("this audio encoder (pad_to_chunk) takes one clip at a time, without a mask")
+            frames -= CHUNK_CONTEXT_FRAMES  # the clip's own frames; the rest only feed the convs
+            if frames < 1:
+                raise InputError(f"audio features of a padded chunk need the clip's frames and the "
+                                 f"{CHUNK_CONTEXT_FRAMES} after them, got {input_features.shape[-1]} frames")
         positions = conv_output_length(frames)
         if positions > self.config.max_source_positions:
             limit = self.max_frames  # 100 mel frames per second (hop 10 ms)
@@ -145,12 +164,30 @@ class AudioEncoder(nn.Module):
         if frame_mask is not None:
             x = x * frame_mask[:, None, :].to(x.dtype)
         x = F.gelu(self.conv2(x))
+        # pad_to_chunk: positions past the clip are those Qwen2-Audio's mask hides from attention and
+        # whose outputs it drops, so leaving them out computes the same numbers (a short clip costs only
+        # its own length, not 30 s).
+        x = x[:, :, :positions]
         x = x.transpose(1, 2) + self.embed_positions.weight[:positions].to(x.dtype)
 
         for layer in self.layers:
             x = layer(x, attn_mask)
+        if self.config.pool_before_norm:
+            return self.layer_norm(self._pool_whole_windows(x, pos_mask))
         x = self.layer_norm(x)
         return self._pool(x, pos_mask)
+
+    def _pool_whole_windows(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        """nn.AvgPool1d(pool_stride): the mean of each whole window, an incomplete tail dropped; with a
+        batch mask, windows not wholly a clip's own are zero (that clip alone would not have them)."""
+        s = self.config.pool_stride
+        b, t, d = x.shape
+        n = t // s
+        means = x[:, :n * s].reshape(b, n, s, d).mean(dim=2)
+        if mask is None:
+            return means
+        whole = mask[:, :n * s].reshape(b, n, s).all(dim=2)
+        return means * whole[..., None].to(means.dtype)
 
     def _pool(self, x: Tensor, mask: Tensor | None) -> Tensor:
         """Average over windows of `pool_stride` positions; a short tail window averages what it has."""

@@ -15,7 +15,11 @@ from tinyomni.config import OmniConfig
 from tinyomni.errors import InputError
 from tinyomni.model.audio import AudioEncoder
 from tinyomni.model.decoder import CacheState, Decoder
+from tinyomni.model.opt import OPTDecoder
+from tinyomni.model.phi import PhiDecoder
 from tinyomni.model.projector import LinearProjector, MultiModalProjector, pixel_shuffle
+from tinyomni.model.qformer import QFormerConnector
+from tinyomni.model.resampler import ResamplerConnector, split_padding
 from tinyomni.model.vision import VisionEncoder
 
 
@@ -24,17 +28,22 @@ class OmniModel(nn.Module):
         super().__init__()
         self.config = config
         dec = config.decoder
-        self.language_model = Decoder(dec)
+        self.language_model = {"opt": OPTDecoder, "phi": PhiDecoder}.get(dec.kind, Decoder)(dec)
         self.vision_tower: VisionEncoder | None = None
-        self.multi_modal_projector: MultiModalProjector | LinearProjector | None = None
+        self.multi_modal_projector: MultiModalProjector | LinearProjector | ResamplerConnector | None = None
         self.audio_tower: AudioEncoder | None = None
-        self.audio_projector: MultiModalProjector | None = None
+        self.audio_projector: MultiModalProjector | LinearProjector | None = None
         if config.vision is not None:
             r = config.vision_projector.downsample_ratio
             self.vision_tower = VisionEncoder(config.vision)
             width = config.vision.hidden_size * config.vision.num_feature_layers  # layers concatenated
             in_features = round(width / (r * r))  # round: r = 1/3 is not exact in binary
-            if config.vision_projector.kind == "linear":
+            if config.vision_projector.kind == "qformer":
+                self.multi_modal_projector = QFormerConnector(config.vision_projector.qformer, in_features,
+                                                              dec.hidden_size)
+            elif config.vision_projector.kind == "resampler":
+                self.multi_modal_projector = ResamplerConnector(in_features, dec.hidden_size, config.vision_projector)
+            elif config.vision_projector.kind == "linear":
                 self.multi_modal_projector = LinearProjector(in_features, dec.hidden_size)
             else:
                 self.multi_modal_projector = MultiModalProjector(
@@ -42,20 +51,30 @@ class OmniModel(nn.Module):
                     hidden_act=config.vision_projector.hidden_act, layer_norm=config.vision_projector.layer_norm)
         if config.audio is not None:
             self.audio_tower = AudioEncoder(config.audio)
-            self.audio_projector = MultiModalProjector(
-                config.audio.d_model, dec.hidden_size, config.audio_projector.hidden_size,
-                hidden_act=config.audio_projector.hidden_act)
+            if config.audio_projector.kind == "linear":  # Qwen2-Audio: one Linear
+                self.audio_projector = LinearProjector(config.audio.d_model, dec.hidden_size,
+                                                       bias=config.audio_projector.linear_bias)
+            else:
+                self.audio_projector = MultiModalProjector(
+                    config.audio.d_model, dec.hidden_size, config.audio_projector.hidden_size,
+                    hidden_act=config.audio_projector.hidden_act)
         # Set from the tokenizer when a model is loaded (see api.Model); -1 matches no token.
         self.image_token_id = -1
         self.audio_token_id = -1
 
     # --- encoders ----------------------------------------------------------------------------------
-    def encode_images(self, pixel_values: Tensor) -> Tensor:
-        """[tiles, 3, S, S] → [tiles, tokens_per_tile, decoder_hidden]."""
+    def encode_images(self, pixel_values: Tensor, qformer_input_ids: list[Tensor] | None = None) -> Tensor:
+        """[tiles, 3, S, S] → [tiles, tokens_per_tile, decoder_hidden]. An instruction-aware Q-Former also
+        reads each tile's instruction ids (`qformer_input_ids`, one per tile)."""
         if self.vision_tower is None:
             raise InputError("this model has no vision encoder")
         weight = self.vision_tower.embeddings.patch_embedding.weight
-        features = self.vision_tower(pixel_values.to(weight.dtype))
+        patch_mask = None
+        if self.config.vision_projector.kind == "resampler":  # tiles of several sizes, padded (NaN) to one
+            pixel_values, patch_mask = split_padding(pixel_values, self.config.vision.patch_size)
+        features = self.vision_tower(pixel_values.to(weight.dtype), patch_mask)
+        if patch_mask is not None:
+            return self.multi_modal_projector(features, patch_mask.reshape(patch_mask.shape[0], -1))
         select = self.config.vision.feature_select
         if (select == "patches" and self.config.vision.use_cls_token) or select == "drop_first":
             features = features[:, 1:]
@@ -65,6 +84,8 @@ class OmniModel(nn.Module):
             side = int(p**0.5)
             features = pixel_shuffle(features.reshape(n, side, side, c), ratio)
             features = features.reshape(n, -1, features.shape[-1])
+        if self.config.vision_projector.kind == "qformer":
+            return self.multi_modal_projector(features, qformer_input_ids)
         return self.multi_modal_projector(features)
 
     def encode_audio(self, features: Tensor) -> Tensor:
@@ -76,15 +97,15 @@ class OmniModel(nn.Module):
 
     # --- embeddings --------------------------------------------------------------------------------
     def embed(self, input_ids: Tensor, pixel_values: Tensor | None = None,
-              audio_features: list[Tensor] | None = None) -> Tensor:
+              audio_features: list[Tensor] | None = None, qformer_input_ids: list[Tensor] | None = None) -> Tensor:
         """Token embeddings with every media item's embeddings written into its placeholders.
 
         The placeholders of all rows are filled in order: images (all tiles of all rows, row-major),
         then audio clips. A count mismatch is an error, never a silent truncation.
         """
         embeds = self.language_model.embed(input_ids)
-        embeds = self._scatter(embeds, input_ids, self.image_token_id, "image",
-                               self.encode_images(pixel_values) if pixel_values is not None else None)
+        images = self.encode_images(pixel_values, qformer_input_ids) if pixel_values is not None else None
+        embeds = self._scatter(embeds, input_ids, self.image_token_id, "image", images)
         audio = None
         if audio_features:
             audio = torch.cat([self.encode_audio(f) for f in audio_features])
@@ -116,9 +137,11 @@ class OmniModel(nn.Module):
         labels: Tensor | None = None,
         cache: CacheState | None = None,
         logits_to_keep: int = 0,
+        qformer_input_ids: list[Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """(logits, loss): the loss is next-token cross-entropy over labels != -100."""
-        embeds = self.embed(input_ids, pixel_values, audio_features)
+        """(logits, loss): the loss is next-token cross-entropy over labels != -100. `qformer_input_ids`:
+        each image's instruction in the Q-Former's vocabulary (instruction-aware Q-Formers only)."""
+        embeds = self.embed(input_ids, pixel_values, audio_features, qformer_input_ids)
         return self.language_model(inputs_embeds=embeds, position_ids=position_ids,
                                    attention_mask=attention_mask, cache=cache, labels=labels,
                                    logits_to_keep=logits_to_keep)

@@ -67,11 +67,12 @@ class MultiModalProjector(nn.Module):
 
 
 class LinearProjector(nn.Module):
-    """One Linear(in, out) without bias (ProjectorConfig.kind "linear": Idefics3's `modality_projection.proj`)."""
+    """One Linear(in, out) (ProjectorConfig.kind "linear"): Idefics3's `modality_projection.proj` without a
+    bias, Qwen2-Audio's `multi_modal_projector.linear` with one."""
 
-    def __init__(self, in_features: int, out_features: int) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
-        self.proj = nn.Linear(in_features, out_features, bias=False)
+        self.proj = nn.Linear(in_features, out_features, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)

@@ -101,7 +101,8 @@ class VisionEmbeddings(nn.Module):
         grid = grid.to(weight.dtype).permute(0, 2, 3, 1).reshape(grid_h * grid_w, dim)
         return torch.cat([prefix, grid], dim=0)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`patch_mask` [N, h, w] (True: a patch of the image; see `VisionEncoder.forward`)."""
         height, width = pixel_values.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
             raise InputError(
@@ -116,7 +117,25 @@ class VisionEmbeddings(nn.Module):
         if self.class_embedding is not None:
             cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
             x = torch.cat([cls, x], dim=1)
+        if patch_mask is not None:
+            return x + self.masked_position_embeddings(patch_mask)
         return x + self.position_embeddings(grid_h, grid_w)
+
+    def masked_position_embeddings(self, patch_mask: torch.Tensor) -> torch.Tensor:
+        """[N, h·w, D]: each image's own grid (its top-left rectangle of True patches) gets the positions of
+        a grid of that size; padding patches get position 0, as Idefics2's NaViT-style embeddings give them."""
+        if self.num_prefix_tokens:
+            raise InputError("a patch mask needs a vision tower without a CLS token")
+        n, grid_h, grid_w = patch_mask.shape
+        weight = self.position_embedding.weight
+        out = weight[0].expand(n, grid_h, grid_w, -1).clone()
+        for i in range(n):
+            rows, cols = int(patch_mask[i, :, 0].sum()), int(patch_mask[i, 0, :].sum())
+            rectangle = bool(patch_mask[i, :rows, :cols].all()) and int(patch_mask[i].sum()) == rows * cols
+            if rows == 0 or cols == 0 or not rectangle:
+                raise InputError("each image's patch mask must be one top-left rectangle of at least one patch")
+            out[i, :rows, :cols] = self.position_embeddings(rows, cols).reshape(rows, cols, -1)
+        return out.reshape(n, grid_h * grid_w, -1)
 
 
 def bucketed_position_ids(grid_h: int, grid_w: int, side: int, device: torch.device | None = None) -> torch.Tensor:
@@ -151,12 +170,13 @@ class VisionAttention(nn.Module):
         self.q_norm: nn.Module = RMSNorm(d, eps=config.layer_norm_eps) if config.qk_norm else nn.Identity()
         self.k_norm: nn.Module = RMSNorm(d, eps=config.layer_norm_eps) if config.qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask` [N, length] (True: attend to that token; None: to every one)."""
         n, length, d = x.shape
         q = self.q_norm(self.q_proj(x)).view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_norm(self.k_proj(x)).view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(n, length, self.num_heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
         return self.out_proj(out.transpose(1, 2).reshape(n, length, d))
 
 
@@ -187,8 +207,8 @@ class VisionEncoderLayer(nn.Module):
             self.register_parameter("ls1", None)
             self.register_parameter("ls2", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.self_attn(self.layer_norm1(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.self_attn(self.layer_norm1(x), mask)
         x = x + (h if self.ls1 is None else self.ls1 * h)
         h = self.mlp(self.layer_norm2(x))
         return x + (h if self.ls2 is None else self.ls2 * h)
@@ -201,10 +221,10 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(VisionEncoderLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor, num_layers: int | None = None) -> torch.Tensor:
-        """Run the first `num_layers` blocks (all when None)."""
+    def forward(self, x: torch.Tensor, num_layers: int | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the first `num_layers` blocks (all when None); `mask` as VisionAttention's."""
         for layer in self.layers[:num_layers]:
-            x = layer(x)
+            x = layer(x, mask)
         return x
 
 
@@ -258,16 +278,23 @@ class VisionEncoder(nn.Module):
                 nn.init.constant_(layer.ls1, self.config.layer_scale_init)
                 nn.init.constant_(layer.ls2, self.config.layer_scale_init)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        x = self.embeddings(pixel_values)
+    def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`patch_mask` [N, H/p, W/p] bool (None: all True): which patches are image, not padding, when images
+        of different sizes share one padded tensor (Idefics2). Each image's True patches are a top-left
+        rectangle; they get that grid's position embeddings, and no token attends to a padding patch.
+        (The padding tokens' own outputs are computed but mean nothing.)"""
+        x = self.embeddings(pixel_values, patch_mask)
+        mask = None if patch_mask is None else patch_mask.reshape(patch_mask.shape[0], -1)
         if self.pre_layernorm is not None:
             x = self.pre_layernorm(x)
         if self.config.feature_layers:  # several hidden states, concatenated along the channels
+            if mask is not None:
+                raise InputError("a patch mask is not supported with vision.feature_layers")
             return self._hidden_states(x, self.config.feature_layers)
         layer = self.config.feature_layer
         if layer != -1:  # an earlier hidden state (config.feature_layer), read before the final norm
-            return self.encoder(x, layer % (self.config.num_hidden_layers + 1))
-        x = self.encoder(x)
+            return self.encoder(x, layer % (self.config.num_hidden_layers + 1), mask)
+        x = self.encoder(x, mask=mask)
         if self.post_layernorm is not None:
             x = self.post_layernorm(x)
         return x

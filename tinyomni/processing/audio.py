@@ -4,6 +4,8 @@
 every front end (Python API, CLI, server, training data) goes through the same decode and resample.
 `log_mel_spectrogram` reproduces transformers' `WhisperFeatureExtractor` exactly (tested to 1e-4) but
 also works on variable-length clips, so short speech does not pay for 30 s of padding.
+`chunk_log_mel` is Qwen2-Audio's variant (AudioConfig.pad_to_chunk): the features of the clip padded
+to 30 s, of which only the clip's frames (and the two after them) are kept.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ N_FFT = 400
 HOP_LENGTH = 160
 CHUNK_SECONDS = 30
 N_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE  # 480000: Whisper's fixed 30 s window
+# A Whisper encoder's two convs read each position's neighbours: the last positions of a clip padded to
+# the chunk also see the 2 frames after the clip (see chunk_log_mel).
+CHUNK_CONTEXT_FRAMES = 2
 
 SUPPORTED_FORMATS = (
     "wav, flac and ogg (vorbis/opus) via soundfile; mp3, m4a/aac, webm, mp4 and other ffmpeg formats via PyAV"
@@ -277,6 +282,36 @@ def log_mel_spectrogram(audio: np.ndarray | torch.Tensor, n_mels: int = 80, padd
     log_spec = torch.clamp(mel, min=1e-10).log10()
     log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)  # an 80 dB dynamic range
     return (log_spec + 4.0) / 4.0
+
+
+def chunk_log_mel(audio: np.ndarray | torch.Tensor, n_mels: int = 128,
+                  chunk_samples: int = N_SAMPLES) -> tuple[torch.Tensor, int]:
+    """A clip's features as Qwen2-Audio computes them: `(features, frames)`.
+
+    WhisperFeatureExtractor(padding="max_length", return_attention_mask=True) pads the clip with zeros to
+    the chunk (30 s), takes the log-mel of the whole chunk (its 80 dB floor set by the chunk's loudest
+    frame, as here) and marks `frames` = ceil(samples / 160) of its frames as the clip's. The encoder then
+    attends only to the clip's positions, which the convs compute from those frames and the
+    CHUNK_CONTEXT_FRAMES after them; so `features` is the chunk's first `frames + CHUNK_CONTEXT_FRAMES`
+    frames (zeros past the chunk's end, as the conv's own padding), and the rest of the chunk, which
+    changes nothing the model returns, is not kept. A clip longer than the chunk is refused (Qwen2-Audio's
+    processor would keep its first 30 s and drop the rest without a word).
+    """
+    x = torch.as_tensor(audio).detach().to("cpu", torch.float32)
+    if x.ndim != 1:
+        raise InputError(f"chunk_log_mel expects a 1-D mono waveform, got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise InputError("audio is empty (no samples)")
+    if x.numel() > chunk_samples:
+        raise InputError(f"audio clip is {x.numel() / SAMPLE_RATE:.1f} s; this model accepts at most "
+                         f"{chunk_samples / SAMPLE_RATE:.1f} s (cut the clip into shorter parts)")
+    chunk = log_mel_spectrogram(x, n_mels=n_mels, pad_to_samples=chunk_samples)
+    frames = -(-x.numel() // HOP_LENGTH)  # the extractor's attention mask: every hop a sample starts
+    keep = frames + CHUNK_CONTEXT_FRAMES
+    features = chunk[:, :keep]
+    if features.shape[-1] < keep:
+        features = torch.nn.functional.pad(features, (0, keep - features.shape[-1]))
+    return features, frames
 
 
 @functools.lru_cache(maxsize=8)

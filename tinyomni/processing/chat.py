@@ -40,7 +40,8 @@ PART_TYPES = ("text", "image", "image_url", "video", "audio", "input_audio")
 # Stands for message k's content while the template renders; the nonce makes it a string no message
 # contains, so a user cannot forge one.
 CONTENT_MARKER = "<|tinyomni-{nonce}-content-{k}|>"
-# With config.images_in_template: stands for media item k where the template wrote the image token.
+# With config.images_in_template: stands for media item k where the template wrote the image token
+# (with config.audio_in_template, the audio token too).
 IMAGE_MARKER = "<|tinyomni-{nonce}-image-{k}|>"
 Content = list  # one message's content: text (str) and media (int: an index into the media list), in order
 
@@ -51,8 +52,11 @@ class Prompt:
 
     input_ids: list[int]
     pixel_values: torch.Tensor | None = None  # [tiles, 3, S, S], every image's and frame's tiles in order
+    # (image_resize "native": [tiles, 3, H, W], each tile padded at the bottom and right with NaN)
     tiles_per_image: list[int] = field(default_factory=list)
     audio_features: list[torch.Tensor] = field(default_factory=list)  # each [n_mels, frames]
+    # An instruction-aware Q-Former's input (InstructBLIP): per tile, the prompt's text in its own vocabulary.
+    qformer_input_ids: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -94,6 +98,8 @@ class ChatProcessor:
         ids = [tokenizer.token_to_id(n) for n in names]
         if config.audio is None:  # no audio tower (e.g. an imported InternVL): its tokens may be absent
             ids[3:] = [-1 if i is None else i for i in ids[3:]]  # -1 matches no token
+        if config.vision is None:  # no vision tower (e.g. an imported Qwen2-Audio): the same for images
+            ids[:3] = [-1 if i is None else i for i in ids[:3]]
         if not config.image_wrap:  # a bare <image> run (LLaVA): no start and end tokens to find
             ids[:2] = [-1 if i is None else i for i in ids[:2]]
         if None in ids:
@@ -102,6 +108,13 @@ class ChatProcessor:
                              "Tokenizer.add_special_tokens before building the processor")
         (self.image_start_id, self.image_end_id, self.image_context_id,
          self.audio_start_id, self.audio_end_id, self.audio_context_id) = ids
+        # An instruction-aware Q-Former (InstructBLIP) reads the prompt in its own (BERT) vocabulary.
+        self.qformer_tokenizer: Tokenizer | None = None
+        if config.vision is not None and config.vision_projector.kind == "qformer" and (
+                config.vision_projector.qformer.instruction_aware):
+            from tinyomni.processing.instructblip import instruction_tokenizer
+
+            self.qformer_tokenizer = instruction_tokenizer(tokenizer)
 
     # --- public ------------------------------------------------------------------------------------
     def __call__(self, messages: list[dict[str, Any]] | str, add_generation_prompt: bool = True,
@@ -109,7 +122,8 @@ class ChatProcessor:
         flat = self._flatten(messages, max_tiles)
         rendered = self._place_images(self.render(flat.messages, add_generation_prompt), flat)
         self._check_rendered(rendered, flat)
-        return self._prompt(self._prefix_ids() + self._encode(rendered, flat), flat.media)
+        return self._prompt(self._prefix_ids(flat.media) + self._encode(rendered, flat), flat.media,
+                            self._instruction(rendered, flat))
 
     def training_example(self, messages: list[dict[str, Any]] | str,
                          max_tiles: int | None = None) -> tuple[Prompt, list[int]]:
@@ -142,13 +156,18 @@ class ChatProcessor:
         whole = self._place_images(self.render(flat, add_generation_prompt=False), conversation)
         self._check_rendered(whole, conversation)
         segments.append((whole[len(done):], False))
-        ids = self._prefix_ids()
+        ids = self._prefix_ids(conversation.media)
         labels = [-100] * len(ids)
         for text, is_target in segments:
             piece = self._encode(text, conversation)
             ids += piece
             labels += piece if is_target else [-100] * len(piece)
-        return self._prompt(ids, conversation.media), labels
+        instruction = None
+        if self.qformer_tokenizer is not None:  # the text before the first answer: what `__call__` gave it then
+            first = next(i for i, m in enumerate(flat) if m["role"] == "assistant")
+            before = self._place_images(self.render(flat[:first], add_generation_prompt=True), conversation)
+            instruction = self._instruction(before, conversation)
+        return self._prompt(ids, conversation.media, instruction), labels
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The chat template applied to text-only messages."""
@@ -167,7 +186,7 @@ class ChatProcessor:
         contents: list[Content] = []
         image_count = sum(1 for m in messages for p in m["content"] if p["type"] in ("image", "image_url"))
         image_number = 0
-        in_template = self.config.images_in_template
+        in_template = self.config.images_in_template or self.config.audio_in_template
         for message in messages:
             content: Content = []
             for part in message["content"]:
@@ -178,13 +197,18 @@ class ChatProcessor:
                     image_number += 1
                     if image_count > 1 and self.config.number_images:
                         content.append(f"Image-{image_number}: ")
-                    content.append(self._add_image(part, media, max_tiles))
-                    if not in_template:  # otherwise the template writes its own (LLaVA: "<image>\n")
+                    image = self._add_image(part, media, max_tiles)
+                    if self.config.image_prompt == "prefix":  # its run starts the prompt (_prefix_ids), not here
+                        continue
+                    content.append(image)
+                    if not self.config.images_in_template:  # else the template writes its own (LLaVA: "<image>\n")
                         content.append("\n")
                 elif kind == "video":
                     content += self._add_video(part, media)
                 else:
-                    content += [self._add_audio(part, media), "\n"]
+                    content.append(self._add_audio(part, media))
+                    if not self.config.audio_in_template:  # otherwise the template writes its own
+                        content.append("\n")
             contents.append(content)
         typed = "".join(piece for content in contents for piece in content if isinstance(piece, str))
         nonce = secrets.token_hex(8)
@@ -200,11 +224,15 @@ class ChatProcessor:
             for m, content in zip(messages, contents):
                 parts = []
                 for piece in content:
-                    if isinstance(piece, str):
+                    kind = None if isinstance(piece, str) else media[piece].kind
+                    if kind == "image" and self.config.images_in_template:
+                        parts.append({"type": "image"})
+                    elif kind == "audio" and self.config.audio_in_template:
+                        # Qwen2-Audio's template asks `'audio' in content`: the part needs the key.
+                        parts.append({"type": "audio", "audio": True})
+                    else:  # text, or media the template does not place: a text part of its own
                         parts.append({"type": "text", "text": CONTENT_MARKER.format(nonce=nonce, k=len(texts))})
                         texts.append([piece])
-                    else:
-                        parts.append({"type": "image"})
                 flat.append({"role": m["role"], "content": parts})
             return _Flat(flat, texts, media, marker, nonce)
         flat = [{"role": m["role"], "content": CONTENT_MARKER.format(nonce=nonce, k=k)}
@@ -222,6 +250,15 @@ class ChatProcessor:
         self._require_vision()
         vision = self.config.vision
         source = part["image"] if part["type"] == "image" else _image_url(part)
+        if self.config.image_resize == "native":  # Idefics2: about its own size, maybe its quarters too
+            from tinyomni.processing.idefics2 import preprocess_native_image
+
+            tiles = preprocess_native_image(
+                source, self.config.image_shortest_edge or vision.image_size,
+                self.config.image_longest_edge or vision.image_size, self.config.image_splitting,
+                mean=vision.image_mean, std=vision.image_std)
+            media.append(_Media("image", tiles, tiles.shape[0] * self.config.image_tokens_per_tile, tiles.shape[0]))
+            return len(media) - 1
         if self.config.image_resize == "longest_edge":  # Idefics3 / SmolVLM: split into a grid + global image
             from tinyomni.processing.smolvlm import preprocess_split_image
 
@@ -255,7 +292,13 @@ class ChatProcessor:
 
     def _add_audio(self, part: dict, media: list[_Media]) -> int:
         from tinyomni.model.audio import audio_output_length
-        from tinyomni.processing.audio import SAMPLE_RATE, check_duration, load_audio, log_mel_spectrogram
+        from tinyomni.processing.audio import (
+            SAMPLE_RATE,
+            check_duration,
+            chunk_log_mel,
+            load_audio,
+            log_mel_spectrogram,
+        )
 
         audio_config = self.config.audio
         if audio_config is None:
@@ -270,39 +313,75 @@ class ChatProcessor:
         max_seconds = audio_config.max_source_positions * 2 * 160 / SAMPLE_RATE
         samples = load_audio(source, max_seconds=max_seconds)  # a long clip is refused before its decode
         check_duration(samples, max_seconds)
-        features = log_mel_spectrogram(samples, n_mels=audio_config.num_mel_bins)
-        media.append(_Media("audio", features, audio_output_length(features.shape[-1], audio_config)))
+        if audio_config.pad_to_chunk:  # Qwen2-Audio: the features of the clip padded to 30 s
+            features, frames = chunk_log_mel(samples, n_mels=audio_config.num_mel_bins)
+        else:
+            features = log_mel_spectrogram(samples, n_mels=audio_config.num_mel_bins)
+            frames = features.shape[-1]
+        tokens = audio_output_length(frames, audio_config)
+        if tokens < 1:
+            raise InputError(f"audio clip of {len(samples) / SAMPLE_RATE * 1000:.0f} ms is too short for this "
+                             "model's audio encoder (it gives no embeddings)")
+        media.append(_Media("audio", features, tokens))
         return len(media) - 1
 
     # --- tokens ------------------------------------------------------------------------------------
-    def _prefix_ids(self) -> list[int]:
+    def _prefix_ids(self, media: list[_Media]) -> list[int]:
+        """BOS (when the tokenizer adds one), after every image's run with image_prompt "prefix"."""
+        ids = []
+        if self.config.image_prompt == "prefix":  # BLIP-2 / InstructBLIP: the query tokens come first
+            ids = [self.image_context_id] * sum(m.num_tokens for m in media if m.kind == "image")
         if self.tokenizer.add_bos_token and self.tokenizer.bos_token_id is not None:
-            return [self.tokenizer.bos_token_id]
-        return []
+            return ids + [self.tokenizer.bos_token_id]
+        return ids
+
+    def _instruction(self, rendered: str, flat: _Flat) -> list[int] | None:
+        """An instruction-aware Q-Former's ids: the rendered prompt's text (media left out), in its vocabulary."""
+        if self.qformer_tokenizer is None or not any(m.kind == "image" for m in flat.media):
+            return None
+        from tinyomni.processing.instructblip import instruction_ids
+
+        def text(match: re.Match[str]) -> str:
+            if match.group(1) == "image":
+                return ""
+            return "".join(p for p in flat.contents[int(match.group(2))] if isinstance(p, str))
+
+        return instruction_ids(self.qformer_tokenizer, flat.marker.sub(text, rendered))
 
     def _place_images(self, rendered: str, flat: _Flat) -> str:
-        """With images_in_template: the k-th image token the template wrote → the k-th image's marker.
-        (Only the template's own text is in `rendered`; typed text is behind content markers.)"""
-        if not self.config.images_in_template:
-            return rendered
-        images = iter([k for k, m in enumerate(flat.media) if m.kind == "image"])
+        """With images_in_template: the k-th image token the template wrote → the k-th image's marker
+        (with audio_in_template the same for audio). (Only the template's own text is in `rendered`;
+        typed text is behind content markers.)"""
+        for kind, token in self._kinds_in_template():
+            items = iter([k for k, m in enumerate(flat.media) if m.kind == kind])
 
-        def place(match: re.Match[str]) -> str:
-            k = next(images, None)  # more tokens than images: left as they are, for _check_rendered
-            return match.group(0) if k is None else IMAGE_MARKER.format(nonce=flat.nonce, k=k)
+            def place(match: re.Match[str], items=items) -> str:
+                k = next(items, None)  # more tokens than items: left as they are, for _check_rendered
+                return match.group(0) if k is None else IMAGE_MARKER.format(nonce=flat.nonce, k=k)
 
-        return re.sub(re.escape(self.config.image_context_token), place, rendered)
+            rendered = re.sub(re.escape(token), place, rendered)
+        return rendered
+
+    def _kinds_in_template(self) -> list[tuple[str, str]]:
+        """(media kind, its context token) for each kind whose placeholder the template writes."""
+        c = self.config
+        return ([("image", c.image_context_token)] if c.images_in_template else []) + (
+            [("audio", c.audio_context_token)] if c.audio_in_template else [])
 
     def _check_rendered(self, rendered: str, flat: _Flat) -> None:
         """Each message with media must appear exactly once in the rendered template (with
-        images_in_template: the template must write one image token per image)."""
-        if self.config.images_in_template:
-            placed = sum(1 for m in flat.marker.finditer(rendered) if m.group(1) == "image")
-            written = placed + rendered.count(self.config.image_context_token)
-            images = sum(1 for m in flat.media if m.kind == "image")
-            if written != images:
-                raise InputError(f"the chat template writes {written} image token(s) "
-                                 f"({self.config.image_context_token}) for {images} image(s)")
+        images_in_template / audio_in_template: the template must write one image / audio token per
+        image / clip)."""
+        kinds = self._kinds_in_template()
+        for kind, token in kinds:
+            placed = sum(1 for m in flat.marker.finditer(rendered)
+                         if m.group(1) == "image" and flat.media[int(m.group(2))].kind == kind)
+            written = placed + rendered.count(token)
+            items = sum(1 for m in flat.media if m.kind == kind)
+            if written != items:
+                raise InputError(f"the chat template writes {written} {kind} token(s) ({token}) for "
+                                 f"{items} {kind} item(s)")
+        if kinds:
             return
         seen = [int(m.group(2)) for m in flat.marker.finditer(rendered) if m.group(1) == "content"]
         for k, content in enumerate(flat.contents):
@@ -326,7 +405,10 @@ class ChatProcessor:
                     continue
                 ids += self._encode_run(run, after=ids[-1] if ids else None)
                 run = []
-                ids += self._placeholder(flat.media[piece])
+                placeholder = self._placeholder(flat.media[piece])
+                if self.config.image_prompt == "tile_runs" and ids[-1:] == placeholder[:1] == [self.image_start_id]:
+                    placeholder = placeholder[1:]  # Idefics2Processor: images side by side share the one between
+                ids += placeholder
             pos = match.end()
         run.append((rendered[pos:], False))
         return ids + self._encode_run(run, after=ids[-1] if ids else None)
@@ -336,9 +418,18 @@ class ChatProcessor:
         config.image_wrap is off)."""
         if item.kind == "image" and self.config.image_prompt == "grid":
             return self._grid_placeholder(item)
+        if item.kind == "image" and self.config.image_prompt == "prefix":  # its run is at the start (_prefix_ids)
+            return []
+        if item.kind == "image" and self.config.image_prompt == "tile_runs":  # Idefics2
+            from tinyomni.processing.idefics2 import tile_runs_ids
+
+            return tile_runs_ids(item.tiles, self.config.image_tokens_per_tile, self.image_start_id,
+                                 self.image_context_id)
         if item.kind == "image":
             run = [self.image_context_id] * item.num_tokens
             return [self.image_start_id, *run, self.image_end_id] if self.config.image_wrap else run
+        if self.config.audio_in_template:  # the template wrote the start and end tokens
+            return [self.audio_context_id] * item.num_tokens
         return [self.audio_start_id] + [self.audio_context_id] * item.num_tokens + [self.audio_end_id]
 
     def _grid_placeholder(self, item: _Media) -> list[int]:
@@ -372,6 +463,8 @@ class ChatProcessor:
         text = "".join(t for t, _ in run)
         if not text:
             return []
+        if self.config.image_prompt == "tile_runs" and after == self.image_start_id and not re.match(r"[\s<]", text):
+            run, text = [(" ", False), *run], " " + text  # Idefics2Processor: a word after an image is spaced
         backend = self.tokenizer.backend
         context = backend.id_to_token(after) if after is not None and after >= 0 else None
         encoding = backend.encode(context + text, add_special_tokens=False) if context else None
@@ -395,14 +488,25 @@ class ChatProcessor:
         return ids
 
     @staticmethod
-    def _prompt(ids: list[int], media: list[_Media]) -> Prompt:
+    def _prompt(ids: list[int], media: list[_Media], instruction: list[int] | None = None) -> Prompt:
         images = [m for m in media if m.kind == "image"]
         return Prompt(
             input_ids=ids,
-            pixel_values=torch.cat([m.tensor for m in images]) if images else None,
+            pixel_values=stack_tiles([m.tensor for m in images]) if images else None,
             tiles_per_image=[m.tiles for m in images],
             audio_features=[m.tensor for m in media if m.kind == "audio"],
+            qformer_input_ids=[list(instruction) for m in images for _ in range(m.tiles)] if instruction else [],
         )
+
+
+def stack_tiles(tiles: list[torch.Tensor]) -> torch.Tensor:
+    """Every image's tiles in one tensor; tiles of several sizes (image_resize "native") padded together.
+    (Batches of several prompts join their pixels the same way.)"""
+    if len({t.shape[-2:] for t in tiles}) > 1:
+        from tinyomni.processing.idefics2 import pad_tiles
+
+        return pad_tiles(tiles)
+    return torch.cat(tiles)
 
 
 def normalize_messages(messages: list[dict[str, Any]] | str) -> list[dict[str, Any]]:

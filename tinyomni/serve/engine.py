@@ -270,6 +270,7 @@ class Engine:
                 request.generator = torch.Generator(device=device).manual_seed(params.seed)
             logits, _ = self.model.model(
                 ids, pixel_values=pixels, audio_features=[a.to(device) for a in prompt.audio_features],
+                qformer_input_ids=[torch.tensor(q, device=device) for q in prompt.qformer_input_ids] or None,
                 position_ids=slots[None], logits_to_keep=1,
                 cache=CacheState(self._kv, slots, len(slots), rows=torch.tensor([row], device=device)))
             request.row, request.length = row, len(slots)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from tinyomni.errors import ConfigError, InputError
-from tinyomni.processing.chat import ChatProcessor
+from tinyomni.processing.chat import ChatProcessor, stack_tiles
 from tinyomni.processing.tokenizer import Tokenizer
 from tinyomni.train.recipe import CHAT_KINDS, DataSpec, StageSpec
 
@@ -458,7 +458,7 @@ def collate_chat(examples: list[ChatExample], pad_id: int) -> ChatBatch:
         ids[i, : e.length] = torch.tensor(e.input_ids)
         labels[i, : e.length] = torch.tensor(e.labels)
     pixels = [e.pixel_values for e in examples if e.pixel_values is not None]
-    return ChatBatch(ids, labels, torch.cat(pixels) if pixels else None,
+    return ChatBatch(ids, labels, stack_tiles(pixels) if pixels else None,
                      [a for e in examples for a in e.audio_features], len(examples), [e.index for e in examples])
 
 
