@@ -126,5 +126,5 @@ def test_fsdp_refuses_contrastive_stages(tiny_dir, tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "toy.toml", [f'model.base="{tiny_dir}"', "run.distributed=fsdp"])
     trainer = Trainer(recipe, Dist(rank=0, world=1))
     trainer.fsdp = True  # as under torchrun; the check comes before anything distributed
-    with pytest.raises(ConfigError, match="chat stages"):
+    with pytest.raises(ConfigError, match="runs sft and dpo stages"):
         trainer._run_stage(0, recipe.stages[0], 0, None, None, None)

@@ -3,15 +3,18 @@ runner uses, so other servers and hosted models are scored on the same tasks.
 
 Images go as data URLs (`image_url`), audio as `input_audio` (base64 WAV), and a video as its frames,
 each an image preceded by "Frame-k:" text (the API has no video part). Only the standard library
-talks HTTP here; requests in a batch run in a few threads.
+talks HTTP here; requests in a batch run in a few threads. `tinyomni distill` (train/distill.py)
+asks its teacher through the same client.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import os
+import random
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +29,15 @@ from tinyomni.errors import InputError, TinyOmniError
 
 
 class EndpointError(TinyOmniError, RuntimeError):
-    """The endpoint answered with an error, or not at all."""
+    """The endpoint answered with an error (`status`: its HTTP code), or not at all (`status` None)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# Overloaded, rate-limited or restarting: worth another try after a pause.
+RETRY_STATUSES = (408, 429, 500, 502, 503, 504)
 
 
 def chat_completions_url(url: str) -> str:
@@ -40,15 +51,25 @@ def chat_completions_url(url: str) -> str:
 
 
 class EndpointModel:
-    """`chat` / `chat_batch` over HTTP. `api_key` defaults to $TINYOMNI_API_KEY or $OPENAI_API_KEY."""
+    """`chat` / `chat_batch` over HTTP. `api_key` defaults to $TINYOMNI_API_KEY or $OPENAI_API_KEY; it
+    goes only into the Authorization header, never into an error message.
+
+    Busy answers (429, 5xx) and timeouts or dropped connections are retried `retries` times, after
+    `backoff`·2^attempt seconds (capped at `max_backoff`, jittered so parallel requests spread out;
+    a server's Retry-After wins when it asks for longer)."""
 
     def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 120.0,
-                 concurrency: int = 4, retries: int = 2, video_frames: int = 8):
+                 concurrency: int = 4, retries: int = 2, video_frames: int = 8, backoff: float = 0.5,
+                 max_backoff: float = 30.0):
         self.url = chat_completions_url(url)
         self.model = model
         self.api_key = api_key or os.environ.get("TINYOMNI_API_KEY") or os.environ.get("OPENAI_API_KEY")
         self.timeout, self.concurrency, self.retries = timeout, concurrency, retries
         self.video_frames = video_frames
+        self.backoff, self.max_backoff = backoff, max_backoff
+
+    def __repr__(self) -> str:  # never the key
+        return f"EndpointModel({self.url!r}, model={self.model!r})"
 
     def chat(self, messages: list[dict[str, Any]], max_new_tokens: int = 64, temperature: float = 0.0) -> str:
         converted = [to_openai_message(m, self.video_frames) for m in messages]
@@ -76,24 +97,34 @@ class EndpointModel:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         for attempt in range(self.retries + 1):
+            last = attempt == self.retries
             request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as r:
                     return json.loads(r.read())
             except urllib.error.HTTPError as e:
                 body = e.read().decode(errors="replace")[:500]
-                if e.code in (429, 500, 502, 503, 504) and attempt < self.retries:
-                    time.sleep(0.5 * 2**attempt)  # overloaded or restarting: back off and retry
+                if e.code in RETRY_STATUSES and not last:
+                    self._pause(attempt, e.headers.get("Retry-After"))
                     continue
-                raise EndpointError(f"{self.url} answered HTTP {e.code}: {body}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                if attempt < self.retries:
-                    time.sleep(0.5 * 2**attempt)
+                raise EndpointError(f"{self.url} answered HTTP {e.code}: {body}", status=e.code) from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
+                if not last:
+                    self._pause(attempt, None)
                     continue
-                raise EndpointError(f"cannot reach {self.url}: {e}") from None
-            except json.JSONDecodeError:
-                raise EndpointError(f"{self.url} did not answer with JSON") from None
+                reason = getattr(e, "reason", e)
+                raise EndpointError(f"cannot reach {self.url} (after {attempt + 1} tries): {reason}") from None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise EndpointError(f"{self.url} did not answer with JSON", status=200) from None
         raise EndpointError(f"no answer from {self.url}")  # not reached: the loop returns or raises
+
+    def _pause(self, attempt: int, retry_after: str | None) -> None:
+        delay = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
+        try:
+            delay = max(delay, min(self.max_backoff, float(retry_after))) if retry_after else delay
+        except ValueError:  # an HTTP date: keep our own delay
+            pass
+        time.sleep(delay)
 
 
 # --- message conversion ----------------------------------------------------------------------------
@@ -109,7 +140,9 @@ def to_openai_message(message: dict[str, Any], video_frames: int = 8) -> dict[st
         if kind == "text":
             parts.append({"type": "text", "text": part["text"]})
         elif kind == "image":
-            parts.append(image_part(part["image"]))
+            image = part["image"]
+            remote = isinstance(image, str) and image.startswith(("data:", "http://", "https://"))
+            parts.append({"type": "image_url", "image_url": {"url": image}} if remote else image_part(image))
         elif kind == "image_url":
             url = part["image_url"]["url"] if isinstance(part["image_url"], dict) else part["image_url"]
             parts.append(image_part(url) if not url.startswith(("data:", "http://", "https://")) else

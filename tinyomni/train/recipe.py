@@ -12,6 +12,8 @@
     name = "vision-pretrain"
     kind = "contrastive"         # or "sft" (alignment and instruction tuning: loss on assistant tokens)
     ...                          # or "dpo" (preference alignment on chosen/rejected answers)
+                                 # or "distill" (KL to a local teacher's logits) or "distill_vision"
+                                 # (a vision tower's features from a larger one's)
 
 Every field has a default (see the dataclasses below); unknown fields are errors, so a typo never
 silently trains the wrong thing. `load_recipe(path, overrides=["stages.0.steps=10"])` changes fields
@@ -35,8 +37,9 @@ else:  # the same parser, before it joined the standard library
 from tinyomni.errors import ConfigError
 from tinyomni.model.lora import LoraConfig
 
-STAGE_KINDS = ("contrastive", "sft", "dpo")
-CHAT_KINDS = ("sft", "dpo")  # stages whose forward is the omni model on chat examples
+STAGE_KINDS = ("contrastive", "sft", "dpo", "distill", "distill_vision")
+CHAT_KINDS = ("sft", "dpo", "distill")  # stages whose forward is the omni model on chat examples
+DISTILL_KINDS = ("distill", "distill_vision")  # stages with a frozen local teacher (train/distill_stage.py)
 
 
 @dataclass
@@ -110,6 +113,23 @@ class PreferenceSpec:
 
 
 @dataclass
+class DistillSpec:
+    """The teacher and loss of a `distill` or `distill_vision` stage (train/distill_stage.py).
+
+    distill: loss = (1 - alpha)·T²·KL(teacher ‖ student) + alpha·CE(labels), per answer token, the KL
+    between the two models' next-token distributions at temperature T (Hinton et al. 2015; T² keeps
+    the gradient's scale as T changes). The teacher must share the student's tokenizer.
+    distill_vision: the student's vision tower learns to reproduce the teacher's tower outputs (as
+    Mini-InternVL distils InternViT-6B into a 300M tower), through a learned linear map when the widths
+    differ; the teacher's patch grid is resized to the student's when they differ."""
+
+    teacher: str | None = None  # anything tinyomni.load takes: a checkpoint directory, "tinyomni-world", ...
+    temperature: float = 1.0
+    alpha: float = 0.0  # weight of the cross-entropy on the data's own answers (0: pure distillation)
+    feature_loss: str = "cosine"  # distill_vision: "cosine" (1 - cos per patch) or "mse"
+
+
+@dataclass
 class StageSpec:
     name: str = "stage"
     kind: str = "sft"
@@ -145,6 +165,8 @@ class StageSpec:
     text_tower: TextTowerSpec = field(default_factory=TextTowerSpec)
     # dpo only
     dpo: PreferenceSpec = field(default_factory=PreferenceSpec)
+    # distill and distill_vision only
+    distill: DistillSpec = field(default_factory=DistillSpec)
 
     def validate(self, where: str) -> None:
         _require(self.kind in STAGE_KINDS, f"{where}.kind must be one of {STAGE_KINDS}, got {self.kind!r}")
@@ -176,6 +198,16 @@ class StageSpec:
             _require(0.0 <= d.label_smoothing < 0.5, f"{where}.dpo.label_smoothing must be in [0, 0.5)")
             weights = (d.dpo_weight, d.quality_weight, d.sft_weight)
             _require(min(weights) >= 0 and max(weights) > 0, f"{where}.dpo: weights must be >= 0, one of them > 0")
+        if self.kind in DISTILL_KINDS:
+            d = self.distill
+            _require(bool(d.teacher), f"{where}.distill.teacher: name the teacher (anything tinyomni.load takes)")
+            _require(d.temperature > 0, f"{where}.distill.temperature must be > 0")
+            _require(0.0 <= d.alpha <= 1.0, f"{where}.distill.alpha must be in [0, 1]")
+            _require(d.feature_loss in ("cosine", "mse"), f"{where}.distill.feature_loss must be cosine or mse")
+        if self.kind == "distill_vision":
+            _require(self.tower == "vision", f"{where}: distill_vision distils the vision tower (tower = \"vision\")")
+            _require(self.data.replay is None and not self.data.extra_questions,
+                     f"{where}.data: replay and extra_questions are for chat stages")
 
 
 @dataclass
@@ -256,6 +288,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
             value = getattr(stage.data, name)
             if value is not None and not Path(value).is_absolute() and (path.parent / value).exists():
                 setattr(stage.data, name, str(path.parent / value))
+        teacher = stage.distill.teacher  # a teacher directory beside the recipe, likewise
+        if teacher and not Path(teacher).is_absolute() and (path.parent / teacher).is_dir():
+            stage.distill.teacher = str(path.parent / teacher)
     return recipe
 
 
@@ -267,7 +302,8 @@ def recipe_from_dict(raw: dict[str, Any]) -> Recipe:
         where = f"stages.{i}"
         sub = {"data": _build(DataSpec, s.pop("data", {}), f"{where}.data"),
                "text_tower": _build(TextTowerSpec, s.pop("text_tower", {}), f"{where}.text_tower"),
-               "dpo": _build(PreferenceSpec, s.pop("dpo", {}), f"{where}.dpo")}
+               "dpo": _build(PreferenceSpec, s.pop("dpo", {}), f"{where}.dpo"),
+               "distill": _build(DistillSpec, s.pop("distill", {}), f"{where}.distill")}
         lora = s.pop("lora", None)
         sub["lora"] = None if lora is None else _build(LoraConfig, lora, f"{where}.lora")
         if "betas" in s:

@@ -11,6 +11,9 @@ One optimizer step of a stage:
      contrastive stages: the CLIP/SigLIP loss of the batch with negatives from every process;
      dpo stages: the reference's and the policy's summed answer log-probs, each loss term summed and
      divided by its global count (pairs, or chosen tokens for the SFT term of MPO's mixture);
+     distill stages: T²·KL to a frozen local teacher (and the label loss, weighted by alpha) summed over
+     the answer tokens and divided by their global count; distill_vision: the feature loss per image,
+     summed and divided by the global images (train/distill_stage.py);
   3. gradients are clipped, AdamW steps with per-module learning rates on a warm-up + cosine schedule.
 Checkpoints every `save_every` steps and at every stage end (atomic), a JSONL log, a PNG of the
 curves, periodic evaluation through the eval harness, and DDP (or FSDP with `run.distributed =
@@ -52,8 +55,18 @@ from tinyomni.train.data import (
     preference_example,
     tag_vocabulary,
 )
+from tinyomni.train.distill_stage import (
+    DistillBatch,
+    DistillBatches,
+    VisionDistillModule,
+    check_same_tokenizer,
+    distill_example,
+    distillation_loss,
+    image_pair_example,
+    load_teacher,
+)
 from tinyomni.train.plot import plot_curves
-from tinyomni.train.recipe import CHAT_KINDS, EvalSpec, PreferenceSpec, Recipe, StageSpec
+from tinyomni.train.recipe import CHAT_KINDS, DISTILL_KINDS, EvalSpec, PreferenceSpec, Recipe, StageSpec
 
 LOG_FILE, PLOT_FILE, MODEL_DIR = "log.jsonl", "curves.png", "model"
 
@@ -94,9 +107,10 @@ class ChatForward(nn.Module):
     """The omni model's forward on a chat batch, with logits only where there are labels (the LM head
     over the whole sequence would be a large share of the compute for one-word answers).
 
-    Returns the summed cross-entropy of the labelled tokens (sft), or with `per_row` each row's summed
-    log-probability of its labelled tokens (what DPO compares). One instance serves every chat stage,
-    so under FSDP it is sharded once, as the root around the per-layer units."""
+    Returns the summed cross-entropy of the labelled tokens (sft), with `per_row` each row's summed
+    log-probability of its labelled tokens (what DPO compares), or with `logits` the logits [N, V] that
+    predict the N labelled tokens, in order (what distillation compares). One instance serves every chat
+    stage, so under FSDP it is sharded once, as the root around the per-layer units."""
 
     def __init__(self, omni: nn.Module) -> None:
         super().__init__()
@@ -106,18 +120,20 @@ class ChatForward(nn.Module):
         # Names, not tensors: inside the forward FSDP has put the gathered parameters in their place.
         self.touch: dict[str, list[str]] = {}
 
-    def forward(self, batch: ChatBatch, per_row: bool = False) -> Tensor:
+    def forward(self, batch: ChatBatch, per_row: bool = False, logits: bool = False) -> Tensor:
         omni = self.omni
         embeds = omni.embed(batch.input_ids, batch.pixel_values, batch.audio_features or None)
         # Right padding under a causal mask: real tokens never see the pads, so no mask is needed.
         hidden = omni.language_model.hidden_states(embeds)
         targets = batch.labels[:, 1:]
         keep = targets != IGNORE
-        logits = omni.language_model.lm_head(hidden[:, :-1][keep]).float()
+        scores = omni.language_model.lm_head(hidden[:, :-1][keep]).float()
         zero = self._untouched(batch)
+        if logits:
+            return scores + zero
         if not per_row:
-            return F.cross_entropy(logits, targets[keep], reduction="sum") + zero
-        token_logps = -F.cross_entropy(logits, targets[keep], reduction="none")
+            return F.cross_entropy(scores, targets[keep], reduction="sum") + zero
+        token_logps = -F.cross_entropy(scores, targets[keep], reduction="none")
         rows = keep.nonzero()[:, 0]
         sums = torch.zeros(targets.shape[0], dtype=token_logps.dtype, device=token_logps.device)
         return sums.index_add(0, rows, token_logps) + zero
@@ -218,7 +234,7 @@ def store_frozen_in_bf16(omni: nn.Module, recipe: Recipe) -> None:
     would cast them on every forward anyway; stored in bf16 they cost half the memory and no casts.
     LoRA adapters and everything trained keep float32 weights."""
     prefixes = [p for s in recipe.stages for p in s.train]
-    prefixes += [f"{s.tower}_tower." for s in recipe.stages if s.kind == "contrastive"]
+    prefixes += [f"{s.tower}_tower." for s in recipe.stages if s.kind in ("contrastive", "distill_vision")]
     for name, p in omni.named_parameters():
         if not any(name.startswith(prefix) for prefix in prefixes):
             p.data = p.data.to(torch.bfloat16)
@@ -325,6 +341,8 @@ class Trainer:
         self.lora_owner: dict[str, int] = {}  # LoRA layer -> the stage that made it
         self.chat = ChatForward(self.omni)  # the forward of every chat stage (one module: FSDP shards it once)
         self.reference: Reference | None = None  # the frozen starting point of the running dpo stage
+        self._teacher: tuple[str, api.Model] | None = None  # a distill stage's teacher, loaded once
+        self._teacher_forward: ChatForward | None = None  # its chat forward (logits on the answer tokens)
         if self.fsdp:
             self._shard()
 
@@ -476,11 +494,14 @@ class Trainer:
         """Train one stage from step `start`; False when stopped early by `stop_after`."""
         run, env, omni = self.recipe.run, self.dist, self.omni
         stage_weights = stage_weights or {}
-        if self.fsdp and stage.kind not in CHAT_KINDS:
-            raise ConfigError(f'stage {stage.name!r}: run.distributed = "fsdp" runs chat stages (sft, dpo); run '
-                              'contrastive stages with "ddp", then resume their checkpoint with "fsdp"')
+        if self.fsdp and stage.kind not in ("sft", "dpo"):
+            raise ConfigError(f'stage {stage.name!r}: run.distributed = "fsdp" runs sft and dpo stages; run '
+                              f'{stage.kind} stages with "ddp", then resume their checkpoint with "fsdp"')
         if stage.lora is not None:
             self._apply_lora(index, stage)
+        teacher = self._teacher_model(stage) if stage.kind in DISTILL_KINDS else None
+        if stage.kind == "distill":
+            check_same_tokenizer(self.model, teacher)
         adapters = {n for n, owner in self.lora_owner.items() if owner <= index} if self.fsdp else None
         names = set_trainable(omni, stage, adapters)
         module = self._stage_module(index, stage)
@@ -515,10 +536,15 @@ class Trainer:
             make = pair_example(self.model.tokenizer, self.model.config, stage)
         elif stage.kind == "dpo":
             make = preference_example(self.model.processor, stage)
+        elif stage.kind == "distill":
+            make = distill_example(self.model.processor, teacher.processor, stage)
+        elif stage.kind == "distill_vision":
+            make = image_pair_example(self.model.config.vision, teacher.config.vision)
         else:
             make = chat_example(self.model.processor, stage)
-        batches = StageBatches(stage, make, source, self.model.tokenizer.pad_token_id, run.seed,
-                               env.rank, env.world, start, micro)
+        batches_class = DistillBatches if stage.kind in DISTILL_KINDS else StageBatches
+        batches = batches_class(stage, make, source, self.model.tokenizer.pad_token_id, run.seed,
+                                env.rank, env.world, start, micro)
         loader: Iterator = iter(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=run.workers,
                                                             prefetch_factor=2 if run.workers else None))
         autocast = torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=run.autocast == "bfloat16")
@@ -559,8 +585,15 @@ class Trainer:
                     self.evaluate(stage.name)
                 stop = stop_after is not None and self.global_step >= stop_after
                 if done or stop or self.global_step % run.save_every == 0:
-                    extra_module = module if isinstance(module, ContrastiveModule) else None
+                    extra_module = module if isinstance(module, (ContrastiveModule, VisionDistillModule)) else None
                     self._checkpoint(index, step + 1, module, optimizer, extra_module)
+                if done and stage.kind == "contrastive" and self.dist.main and not self.fsdp:
+                    # The dual encoder as this stage leaves it (later stages may retrain the encoder):
+                    # export() puts it beside the model, for retrieval (tinyomni/retrieval/towers.py).
+                    from tinyomni.retrieval.towers import from_contrastive_module, save_towers
+
+                    save_towers(self.out / "towers" / stage.name,
+                                from_contrastive_module(module, stage, self.model.config, self.model.tokenizer))
                 if stop and not done:
                     return False
         self.reference = None
@@ -581,11 +614,34 @@ class Trainer:
                 raise ConfigError(f"stage {stage.name!r}: the checkpoint lacks the reference weights of this dpo stage")
         return Reference(self.omni, fresh, copies)
 
+    def _teacher_model(self, stage: StageSpec) -> api.Model:
+        """A distill stage's teacher: loaded once (and kept for a later stage naming the same one), in
+        the precision of the frozen weights, frozen and in eval mode."""
+        spec = stage.distill.teacher
+        if self._teacher is None or self._teacher[0] != spec:
+            self._teacher = None  # let the previous teacher go before the next one loads
+            dtype = torch.bfloat16 if self.recipe.run.autocast == "bfloat16" else torch.float32
+            teacher = load_teacher(spec, self.dist.device, dtype)
+            self._teacher = (spec, teacher)
+            self._teacher_forward = ChatForward(teacher.model)
+        return self._teacher[1]
+
     def _stage_module(self, index: int, stage: StageSpec) -> nn.Module:
         """What the stage's forward is: the chat forward over the omni model, or a contrastive module
-        around one of its encoders (its text tower seeded, so a resumed stage rebuilds it equally)."""
+        around one of its encoders (its text tower seeded, so a resumed stage rebuilds it equally), or
+        the vision tower with its teacher's (distill_vision; the width map seeded likewise)."""
         if stage.kind in CHAT_KINDS:
             return self.chat
+        if stage.kind == "distill_vision":
+            encoder, teacher = self.omni.vision_tower, self._teacher_model(stage).model.vision_tower
+            if encoder is None or teacher is None:
+                raise ConfigError(f"stage {stage.name!r}: the {'student' if encoder is None else 'teacher'} "
+                                  "has no vision tower")
+            encoder.requires_grad_(True)
+            self.trained |= {n for n, p in self.omni.named_parameters() if n.startswith("vision_tower.")}
+            with api._seeded(self.recipe.run.seed * 1000 + index):
+                module = VisionDistillModule(encoder, teacher, stage.distill.feature_loss)
+            return module.to(self.dist.device)
         config = self.model.config
         if stage.tower == "vision":
             encoder, width = self.omni.vision_tower, config.vision.hidden_size
@@ -628,6 +684,17 @@ class Trainer:
             return float(loss.detach()), int(samples), {}
         if stage.kind == "dpo":
             return self._preference_step(stage, module, wrapped, micro_batches, autocast, samples)
+        if stage.kind == "distill":
+            return self._distill_step(stage, wrapped, micro_batches, autocast, samples)
+        if stage.kind == "distill_vision":  # each image's loss, summed, over the global count of images
+            total = 0.0
+            for k, batch in enumerate(micro_batches):
+                with self._sync(wrapped, k == len(micro_batches) - 1):
+                    with autocast:
+                        loss_sum = wrapped(_to(batch, env.device))
+                    (loss_sum * env.world / max(samples, 1.0)).backward()
+                total += float(loss_sum.detach())
+            return env.sum(total) / max(samples, 1.0), int(samples), {}
         tokens = env.sum(sum(b.target_tokens for b in micro_batches))
         total = 0.0
         for k, batch in enumerate(micro_batches):
@@ -666,6 +733,33 @@ class Trainer:
             margin += float(terms["margin"].sum()) / pairs
         stats = {"reward_accuracy": env.sum(accuracy), "reward_margin": env.sum(margin)}
         return env.sum(total), int(pairs), stats
+
+    def _distill_step(self, stage: StageSpec, wrapped: nn.Module, micro_batches: list[DistillBatch],
+                      autocast: contextlib.AbstractContextManager,
+                      samples: float) -> tuple[float, int, dict[str, float]]:
+        """A distill step: per micro-batch, the teacher's logits on the answer tokens (no gradient), the
+        student's, and (1-alpha)·T²·KL + alpha·CE summed over those tokens and divided by their count in
+        the global batch. Logged besides the loss: `kl` and `ce` per answer token."""
+        env, spec = self.dist, stage.distill
+        tokens = max(env.sum(sum(b.target_tokens for b in micro_batches)), 1.0)
+        vocab = len(self.model.tokenizer)
+        total = kl_sum = ce_sum = 0.0
+        for k, batch in enumerate(micro_batches):
+            student = _to(batch.student, env.device)
+            with torch.no_grad(), autocast:
+                teacher = self._teacher_forward(student if batch.teacher is None else _to(batch.teacher, env.device),
+                                                logits=True)
+            with self._sync(wrapped, k == len(micro_batches) - 1):
+                with autocast:
+                    logits = wrapped(student, logits=True)
+                targets = student.labels[:, 1:]
+                kl, ce = distillation_loss(logits, teacher, targets[targets != IGNORE], spec.temperature, vocab)
+                loss = ((1 - spec.alpha) * spec.temperature**2 * kl + spec.alpha * ce) / tokens
+                (loss * env.world).backward()
+            total += float(loss.detach())
+            kl_sum += float(kl.detach())
+            ce_sum += float(ce.detach())
+        return env.sum(total), int(samples), {"kl": env.sum(kl_sum) / tokens, "ce": env.sum(ce_sum) / tokens}
 
     # --- evaluation and export ---------------------------------------------------------------------
     def _plain_model(self) -> api.Model:
@@ -722,7 +816,11 @@ class Trainer:
         if config.base_model is not None:  # a fine-tuned whole model: only what differs from it (api.Model.save)
             store = False
         model.model.eval()
-        return model.save(self.out / MODEL_DIR, store_decoder=store)
+        path = model.save(self.out / MODEL_DIR, store_decoder=store)
+        from tinyomni.retrieval.towers import collect_towers
+
+        collect_towers(self.out / "towers", path)
+        return path
 
     def _had_lora(self) -> bool:
         return any(s.lora is not None for s in self.recipe.stages)
