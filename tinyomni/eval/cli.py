@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = ev.add_subparsers(dest="eval_command", required=True)
 
     run = sub.add_parser("run", help="score a model on one or more tasks")
-    run.add_argument("tasks", nargs="+", help="task JSONL files, or 'world-bench' (generated on first use)")
+    run.add_argument("tasks", nargs="+", help="task JSONL files, 'world-bench' (generated on first use), or "
+                                                 "'world-retrieval' (a dual encoder's recall@k, alone)")
     who = run.add_argument_group("what to evaluate (one of)")
     who.add_argument("--model", help="a tinyomni model (name or checkpoint folder), or with --endpoint the "
                                      "model name the endpoint serves")
@@ -80,6 +81,8 @@ def load_tasks(tasks: list[str], bench_dir: str | None = None) -> list[Item]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if "world-retrieval" in args.tasks:
+        return _run_retrieval(args)
     local = args.model is not None and not args.endpoint
     chosen = (args.endpoint is not None) + (args.baseline is not None) + local
     if chosen != 1:
@@ -105,6 +108,21 @@ def _run(args: argparse.Namespace) -> int:
     console = Console()
     console.print(Markdown(summary_markdown(summary)))
     console.print(f"predictions and summary in {out}")
+    return 0
+
+
+def _run_retrieval(args: argparse.Namespace) -> int:
+    """world-retrieval scores a dual encoder's embeddings (recall@k, mean rank), not generated answers."""
+    from tinyomni.eval.runner import retrieval_markdown, run_world_retrieval
+
+    if args.tasks != ["world-retrieval"] or not args.model or args.endpoint or args.baseline:
+        raise InputError("world-retrieval runs alone, on a local dual encoder: "
+                         "tinyomni eval run world-retrieval --model M")
+    name = Path(args.model).name or args.model
+    out = args.out or str(Path("runs") / "eval" / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + "-retrieval"))
+    Console().print(Markdown(retrieval_markdown(run_world_retrieval(args.model, out, n=args.limit,
+                                                                    device=args.device))))
+    Console().print(f"scores in {out}")
     return 0
 
 

@@ -168,3 +168,81 @@ def _rewrite(path: Path, rows: Any) -> None:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+# --- retrieval (dual encoders) ---------------------------------------------------------------------
+RECALL_AT = (1, 5, 10)
+
+
+def retrieval_ranks(similarity: Any, positives: Any) -> list[int]:
+    """For each query row of `similarity` [Q, C], the 1-based rank of its best-scored positive
+    candidate (`positives` [Q, C] bool): 1 + the candidates scored strictly higher. Ties with a
+    negative count in the query's favour, as with argsort-based ranking on distinct scores."""
+    best = similarity.masked_fill(~positives, float("-inf")).amax(1, keepdim=True)
+    return [int(r) + 1 for r in ((similarity > best) & ~positives).sum(1).tolist()]
+
+
+def retrieval_scores(ranks: Sequence[int], candidates: int) -> dict[str, Any]:
+    """recall@k (percent of queries whose positive ranks within the top k), mean and median rank."""
+    n = len(ranks)
+    ordered = sorted(ranks)
+    out: dict[str, Any] = {f"recall@{k}": 100 * sum(r <= k for r in ranks) / n for k in RECALL_AT}
+    out.update({"mean_rank": sum(ranks) / n, "median_rank": float(ordered[n // 2] if n % 2 else
+                                                                  (ordered[n // 2 - 1] + ordered[n // 2]) / 2),
+                "candidates": candidates})
+    return out
+
+
+def evaluate_retrieval(encoder: Any, pairs: Sequence[Any], out: str | Path, model_name: str = "model",
+                       task: str = "world-retrieval", space: str = "image") -> dict[str, Any]:
+    """Image → text and text → image retrieval of `pairs` (tasks.RetrievalPair) with a dual encoder
+    (`tinyomni.retrieval`): every image against every caption. Captions that repeat are all positives
+    of each other's images. Writes <out>/summary.json and summary.md; `score` is recall@1."""
+    import torch
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if len(pairs) < 2:
+        raise InputError("retrieval needs at least 2 pairs")
+    started = time.perf_counter()
+    images = encoder.embed(image=[p.image for p in pairs])
+    texts = encoder.embed(text=[p.text for p in pairs], space=space)
+    similarity = images @ texts.T  # cosine: the model's logits rank the same (a positive scale, a shared bias)
+    names = [p.text for p in pairs]
+    positives = torch.tensor([[a == b for b in names] for a in names])
+    tasks: dict[str, Any] = {}
+    for direction, sim, pos in (("image_to_text", similarity, positives), ("text_to_image", similarity.T, positives.T)):
+        scores = retrieval_scores(retrieval_ranks(sim, pos), len(pairs))
+        chance = 100 * float((pos.sum(1).float() / len(pairs)).mean())
+        tasks[f"{task}/{direction}"] = {"metric": "recall@1", "n": len(pairs), "score": scores["recall@1"],
+                                        "chance": chance, **scores}
+    summary: dict[str, Any] = {
+        "tasks": tasks, "average": sum(t["score"] for t in tasks.values()) / len(tasks), "errors": 0,
+        "model": model_name, "n": len(pairs), "seconds": round(time.perf_counter() - started, 2),
+        "distinct_captions": len(set(names))}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.md").write_text(retrieval_markdown(summary))
+    return summary
+
+
+def retrieval_markdown(summary: dict[str, Any]) -> str:
+    lines = [f"## {summary.get('model', 'model')}", "",
+             "| task | n | R@1 | R@5 | R@10 | mean rank | median rank | chance R@1 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, t in summary["tasks"].items():
+        lines.append(f"| {name} | {t['n']} | {t['recall@1']:.1f} | {t['recall@5']:.1f} | {t['recall@10']:.1f} | "
+                     f"{t['mean_rank']:.1f} | {t['median_rank']:.1f} | {t['chance']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_world_retrieval(model: str, out: str | Path, n: int | None = None, device: str = "cpu",
+                        space: str = "image") -> dict[str, Any]:
+    """`tinyomni eval run world-retrieval --model M`: the task's fixed pairs (tasks.world_retrieval_pairs),
+    `n` of them (default all), scored with `tinyomni.retrieval.load(model)`."""
+    from tinyomni import retrieval
+    from tinyomni.eval.tasks import RETRIEVAL_N, WORLD_RETRIEVAL, world_retrieval_pairs
+
+    encoder = retrieval.load(model, device=device)
+    pairs = world_retrieval_pairs(n or RETRIEVAL_N)
+    return evaluate_retrieval(encoder, pairs, out, model_name=Path(model).name or model, task=WORLD_RETRIEVAL,
+                              space=space)

@@ -179,3 +179,31 @@ def item_from_record(record: dict[str, Any], root: Path | None = None, default_i
         group=None if record.get("group") is None else str(record["group"]),
         system=record.get("system"),
     )
+
+
+# --- world-retrieval: image ↔ caption pairs for dual encoders ----------------------------------------
+WORLD_RETRIEVAL = "world-retrieval"
+RETRIEVAL_N, RETRIEVAL_SEED = 500, 0  # fixed forever, like world-bench, so scores stay comparable
+
+
+@dataclass
+class RetrievalPair:
+    """One image and its caption; a retrieval task is a list of them (every other caption a negative)."""
+
+    id: str
+    image: Any  # a path or an in-memory image
+    text: str
+
+
+def world_retrieval_pairs(n: int = RETRIEVAL_N, seed: int = RETRIEVAL_SEED, split: str = "test",
+                          image_size: int | None = None) -> list[RetrievalPair]:
+    """The world's held-out caption samples (split "test": every scene holds one of the colour-shape
+    pairs training never saw) as image ↔ caption pairs, made in memory. The captions are the world's
+    own ("A large red star and a small blue circle."), left to right, with sizes."""
+    from tinyomni.world.generator import generate
+
+    if n < 2:
+        raise InputError(f"world-retrieval needs at least 2 pairs, got {n}")
+    difficulty = None if image_size is None else {"image_size": image_size}
+    return [RetrievalPair(s.id, s.images[0], s.answer)
+            for s in generate(["caption"], n=n, split=split, seed=seed, difficulty=difficulty)]

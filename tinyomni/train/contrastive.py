@@ -3,7 +3,9 @@
 A ViT learns from scratch far more cheaply this way than through the LLM: each image is pulled
 towards the embedding of its caption and away from the other captions of the batch. The same works
 for the audio encoder with spoken words and their transcripts. Only the encoder is kept afterwards;
-the text tower and the two projection heads are thrown away.
+the text tower and the two projection heads are thrown away by the model it trains, but can be kept
+as a dual encoder for retrieval (tinyomni/retrieval reads them from the stage's training checkpoint,
+where they are saved as `stage_module.*`). The text tower itself is `tinyomni.model.text_encoder.TextTower`.
 
 Captions in a synthetic world repeat ("red", "3"), so two samples with the same text are both
 positives for each other rather than false negatives.
@@ -25,32 +27,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tinyomni.model.audio import audio_output_length
+from tinyomni.model.dual_encoder import media_features
+from tinyomni.model.text_encoder import TextTower, masked_mean
 from tinyomni.train.data import PairBatch
 from tinyomni.train.recipe import TextTowerSpec
-
-
-class TextTower(nn.Module):
-    """Token embedding + a few pre-norm transformer layers + masked mean pooling."""
-
-    def __init__(self, vocab_size: int, spec: TextTowerSpec) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab_size, spec.hidden_size)
-        self.positions = nn.Parameter(torch.randn(spec.max_length, spec.hidden_size) * 0.02)
-        layer = nn.TransformerEncoderLayer(spec.hidden_size, spec.heads, 4 * spec.hidden_size, dropout=0.0,
-                                           activation="gelu", batch_first=True, norm_first=True)
-        self.layers = nn.TransformerEncoder(layer, spec.layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(spec.hidden_size)
-
-    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
-        x = self.embed(ids) + self.positions[: ids.shape[1]]
-        x = self.norm(self.layers(x, src_key_padding_mask=~mask))
-        return masked_mean(x, mask)
-
-
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    m = mask.to(x.dtype)[..., None]
-    return (x * m).sum(1) / m.sum(1).clamp(min=1)
 
 
 class ContrastiveModule(nn.Module):
@@ -82,13 +62,10 @@ class ContrastiveModule(nn.Module):
 
     def pool_media(self, batch: PairBatch) -> tuple[Tensor, Tensor]:
         """The encoder's output averaged and max-pooled over its positions (patches or frames)."""
-        if self.kind == "vision":
-            features = self.encoder(batch.media)  # every patch (a CLS token, if any, is one more)
+        # The same features retrieval embeds (model/dual_encoder.py), so the two cannot drift apart.
+        features, mask = media_features(self.encoder, self.kind, batch.media, batch.media_mask, self.audio_config)
+        if mask is None:
             return features.mean(1), features.amax(1)
-        features = self.encoder(batch.media, attention_mask=batch.media_mask)
-        frames = batch.media_mask.sum(1).tolist()
-        lengths = torch.tensor([audio_output_length(int(f), self.audio_config) for f in frames])
-        mask = (torch.arange(features.shape[1])[None, :] < lengths[:, None]).to(features.device)
         return masked_mean(features, mask), features.masked_fill(~mask[..., None], float("-inf")).amax(1)
 
     def embed_media(self, pooled_mean: Tensor) -> Tensor:

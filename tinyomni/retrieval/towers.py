@@ -1,0 +1,217 @@
+"""The contrastive towers of a tinyomni model, kept for retrieval: `towers.json` + `towers.safetensors`.
+
+Contrastive pretraining (tinyomni/train/contrastive.py) trains an encoder against a small text tower
+with two heads; the omni model keeps only the encoder, and later stages may go on training it. So a
+dual encoder is a snapshot taken at the end of its contrastive stage: the encoder as it was then, the
+text tower, both heads and the temperature (and SigLIP's bias), one pair per tower ("vision",
+"audio"). Saved in a directory (a model checkpoint's, or its own) beside the tokenizer:
+
+    towers.json          {"format": "tinyomni-towers", "version": 1,
+                          "pairs": {"vision": {kind, vocab_size, loss, encoder_width, image_size, text_tower}},
+                          "vision": VisionConfig, "audio": AudioConfig}
+    towers.safetensors   vision.encoder.*, vision.text_tower.*, vision.media_head.*, vision.text_head.*,
+                         vision.logit_scale, vision.logit_bias (and audio.* likewise)
+    tokenizer.json       the model's own (the text tower reads its ids)
+
+`from_training_checkpoint` builds them from a run's checkpoint taken during or at the end of a
+contrastive stage (`<out>/checkpoints/step-N`: its `stage_module.*` tensors and the encoder's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tinyomni.config import AudioConfig, VisionConfig, _build
+from tinyomni.errors import CheckpointError, ConfigError
+from tinyomni.model.dual_encoder import ContrastivePair, PairConfig
+from tinyomni.processing.tokenizer import Tokenizer
+
+TOWERS_CONFIG, TOWERS_WEIGHTS = "towers.json", "towers.safetensors"
+FORMAT, VERSION = "tinyomni-towers", 1
+
+
+@dataclasses.dataclass
+class TowerSpec:
+    """A TextTowerSpec as towers.json stores it (the recipe's class lives in tinyomni/train)."""
+
+    hidden_size: int = 256
+    layers: int = 2
+    heads: int = 4
+    max_length: int = 48
+    embed_dim: int = 256
+
+
+@dataclasses.dataclass
+class Towers:
+    """The pairs of one model, the encoders' configs (mean/std, mel bins) and the tokenizer."""
+
+    pairs: dict[str, ContrastivePair]
+    vision: VisionConfig | None
+    audio: AudioConfig | None
+    tokenizer: Tokenizer
+
+
+def has_towers(path: str | Path) -> bool:
+    return (Path(path) / TOWERS_CONFIG).is_file()
+
+
+def _encoder(kind: str, vision: VisionConfig | None, audio: AudioConfig | None) -> torch.nn.Module:
+    if kind == "vision":
+        from tinyomni.model.vision import VisionEncoder
+
+        if vision is None:
+            raise CheckpointError("a vision pair needs the vision config")
+        return VisionEncoder(vision)
+    from tinyomni.model.audio import AudioEncoder
+
+    if audio is None:
+        raise CheckpointError("an audio pair needs the audio config")
+    return AudioEncoder(audio)
+
+
+def save_towers(path: str | Path, towers: Towers) -> Path:
+    """Write towers.json + towers.safetensors (+ the tokenizer when the directory has none) into `path`."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    pairs = {}
+    state: dict[str, torch.Tensor] = {}
+    for name, pair in towers.pairs.items():
+        c = pair.config
+        pairs[name] = {"kind": c.kind, "vocab_size": c.vocab_size, "loss": c.loss, "encoder_width": c.encoder_width,
+                       "image_size": c.image_size,
+                       "text_tower": {f.name: getattr(c.text_tower, f.name) for f in dataclasses.fields(TowerSpec)}}
+        state.update({f"{name}.{k}": v.detach().float().contiguous() for k, v in pair.state_dict().items()})
+    meta = {"format": FORMAT, "version": VERSION, "pairs": pairs,
+            "vision": None if towers.vision is None else dataclasses.asdict(towers.vision),
+            "audio": None if towers.audio is None else dataclasses.asdict(towers.audio)}
+    save_file(state, str(path / TOWERS_WEIGHTS))
+    (path / TOWERS_CONFIG).write_text(json.dumps(meta, indent=1) + "\n")
+    if not (path / "tokenizer.json").is_file():
+        towers.tokenizer.save(path)
+    return path
+
+
+def load_towers(path: str | Path) -> Towers:
+    """Read what `save_towers` wrote; every tensor is checked against the pairs' shapes."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    file = path / TOWERS_CONFIG
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file} is unreadable: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{file} is not a {FORMAT} v{VERSION} file")
+    try:
+        vision = None if meta.get("vision") is None else _build(VisionConfig, meta["vision"], f"{file} vision")
+        audio = None if meta.get("audio") is None else _build(AudioConfig, meta["audio"], f"{file} audio")
+        specs = {name: PairConfig(p["kind"], int(p["vocab_size"]), _build(TowerSpec, p["text_tower"], name),
+                                  p["loss"], int(p["encoder_width"]), p.get("image_size"))
+                 for name, p in meta["pairs"].items()}
+    except (ConfigError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{file}: {e}") from None
+    weights = path / TOWERS_WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: {TOWERS_CONFIG} without {TOWERS_WEIGHTS}")
+    state = load_file(str(weights))
+    pairs = {}
+    for name, spec in specs.items():
+        pair = ContrastivePair(spec, _encoder(spec.kind, vision, audio), audio)
+        own = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(f"{name}.")}
+        _load_pair(pair, own, f"{weights} ({name})")
+        pairs[name] = pair.eval()
+    return Towers(pairs, vision, audio, Tokenizer.from_dir(path))
+
+
+def _load_pair(pair: ContrastivePair, state: dict[str, torch.Tensor], where: str) -> None:
+    expected = pair.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or extra or wrong:
+        raise CheckpointError(f"{where}: the towers do not fit their config (missing {missing[:4]}, "
+                              f"unexpected {extra[:4]}, wrong shape {wrong[:4]})")
+    pair.load_state_dict(state)
+
+
+def from_training_checkpoint(path: str | Path) -> Towers:
+    """The pair of the contrastive stage a training checkpoint (`<out>/checkpoints/step-N`) was taken in.
+
+    The recipe in its state.json rebuilds the starting model (for the encoder's config, the tokenizer
+    and the weights training left alone, e.g. Whisper's fixed positions); the checkpoint gives the
+    encoder's trained weights and the stage's text tower and heads (`stage_module.*`)."""
+    from tinyomni.train import checkpoint as ckpt
+    from tinyomni.train.recipe import recipe_from_dict
+    from tinyomni.train.trainer import build_model
+
+    path = Path(path)
+    state_file = path / "state.json"
+    try:
+        saved = json.loads(state_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{state_file} is unreadable: {e}") from None
+    recipe = recipe_from_dict(saved["recipe"])
+    stage = recipe.stages[int(saved["stage"])]
+    if stage.kind != "contrastive":
+        raise CheckpointError(f"{path} was taken in stage {stage.name!r} ({stage.kind}); its contrastive towers are "
+                              "not in it: use a checkpoint from a contrastive stage (the last one of that stage)")
+    if ckpt.is_sharded(path):
+        raise CheckpointError(f"{path} is sharded: consolidate it first (python -m tinyomni.train.consolidate)")
+    _, weights, _ = ckpt.load_checkpoint(path)
+    model = build_model(recipe)
+    config = model.config
+    prefix = f"{stage.tower}_tower."
+    encoder = model.model.vision_tower if stage.tower == "vision" else model.model.audio_tower
+    if encoder is None:
+        raise CheckpointError(f"{path}: the recipe's model has no {stage.tower} tower")
+    own = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    encoder.load_state_dict({**encoder.state_dict(), **own})
+    width = config.vision.hidden_size if stage.tower == "vision" else config.audio.d_model
+    spec = PairConfig(stage.tower, len(model.tokenizer), stage.text_tower, stage.loss, width,
+                      (stage.image_size or config.vision.image_size) if stage.tower == "vision" else None)
+    pair = ContrastivePair(spec, encoder, config.audio)
+    heads = {k[len("stage_module."):]: v for k, v in weights.items()
+             if k.startswith("stage_module.") and not k.startswith("stage_module.tag_head.")}
+    _load_pair(pair, {**{f"encoder.{k}": v for k, v in encoder.state_dict().items()}, **heads}, str(path))
+    return Towers({stage.tower: pair.eval()}, config.vision if stage.tower == "vision" else None,
+                  config.audio if stage.tower == "audio" else None, model.tokenizer)
+
+
+def from_contrastive_module(module: torch.nn.Module, stage: Any, config: Any, tokenizer: Tokenizer) -> Towers:
+    """A snapshot of a live `ContrastiveModule` (the trainer's, at the end of its stage): a copy of its
+    encoder, so later stages that go on training the omni model's encoder leave the pair as it was."""
+    import copy
+
+    kind = stage.tower
+    width = config.vision.hidden_size if kind == "vision" else config.audio.d_model
+    spec = PairConfig(kind, module.text_tower.embed.num_embeddings, stage.text_tower, stage.loss, width,
+                      (stage.image_size or config.vision.image_size) if kind == "vision" else None)
+    pair = ContrastivePair(spec, copy.deepcopy(module.encoder).float(), config.audio)
+    state = {k: v for k, v in module.state_dict().items() if not k.startswith("tag_head.")}
+    _load_pair(pair, {k: v.detach().float() for k, v in state.items()}, f"stage {stage.name!r}")
+    return Towers({kind: pair.eval()}, config.vision if kind == "vision" else None,
+                  config.audio if kind == "audio" else None, tokenizer)
+
+
+def collect_towers(folder: str | Path, model_dir: str | Path) -> Path | None:
+    """Every stage's towers saved under `folder` (<out>/towers/<stage>/, later stages of a tower win)
+    merged into one towers.json + towers.safetensors in `model_dir`; None when there are none."""
+    folder = Path(folder)
+    parts = sorted(p for p in folder.iterdir() if has_towers(p)) if folder.is_dir() else []
+    if not parts:
+        return None
+    loaded = [load_towers(p) for p in sorted(parts, key=lambda p: (p / TOWERS_CONFIG).stat().st_mtime)]
+    merged = Towers({}, None, None, loaded[-1].tokenizer)
+    for towers in loaded:
+        merged.pairs.update(towers.pairs)
+        merged.vision = towers.vision or merged.vision
+        merged.audio = towers.audio or merged.audio
+    return save_towers(model_dir, merged)
