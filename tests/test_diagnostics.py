@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def script(name: str):
-    if str(ROOT / "scripts") not in sys.path:
-        sys.path.insert(0, str(ROOT / "scripts"))  # scripts import each other's helpers
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    if str(ROOT / "diagnostics") not in sys.path:
+        sys.path.insert(0, str(ROOT / "diagnostics"))  # scripts import each other's helpers
+    spec = importlib.util.spec_from_file_location(name, ROOT / "diagnostics" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -48,7 +48,7 @@ def test_binding_errors_tells_unbound_answers_from_unseen_ones(tmp_path):
     ]
     for name, rows in (("records.jsonl", records), ("predictions.jsonl", predictions)):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "binding_errors.py"),
+    out = subprocess.run([sys.executable, str(ROOT / "diagnostics" / "binding_errors.py"),
                           str(tmp_path / "predictions.jsonl"), str(tmp_path / "records.jsonl")],
                          capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
     assert out.returncode == 0, out.stderr

@@ -401,7 +401,7 @@ def test_resume_keeps_the_batchnorm_statistics_of_a_conv_stem_and_the_tag_head(t
     assert torch.equal(a.running_var, b.running_var) and not torch.equal(a.running_var, torch.ones(8))
     assert logged_losses(tmp_path / "a") == logged_losses(tmp_path / "b")[-4:]  # the tag head resumed too
     # The linear probe reads a tower from a training checkpoint too (shaped by the run's recipe.json).
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "probe_vision.py"),
+    out = subprocess.run([sys.executable, str(ROOT / "diagnostics" / "probe_vision.py"),
                           str(tmp_path / "b" / "checkpoints" / "step-0000004"), "--train", "40", "--val", "20"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

@@ -1,9 +1,9 @@
 """Linear probes of a model's vision tower: does it encode which colours and which shapes are in a scene,
 and which colour and shape each object has?
 
-    python scripts/probe_vision.py tinyomni/models/tinyomni-world
-    python scripts/probe_vision.py runs/tinyomni-world/model --random   # and a random tower of that shape
-    python scripts/probe_vision.py runs/tinyomni-world/checkpoints/step-0000400   # mid-run
+    python diagnostics/probe_vision.py tinyomni/models/tinyomni-world
+    python diagnostics/probe_vision.py runs/tinyomni-world/model --random   # and a random tower of that shape
+    python diagnostics/probe_vision.py runs/tinyomni-world/checkpoints/step-0000400   # mid-run
 
 The tower's last hidden states on world caption scenes (train split to fit, val split to score) are
 pooled (mean and max over patches), and one logistic regression per label is fitted: "is there a red

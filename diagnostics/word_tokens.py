@@ -1,7 +1,7 @@
 """Would the decoder bind colours to shapes if the picture's objects reached it as words?
 
     tinyomni world generate --out runs/val --split val --n 50 --skills color,shape
-    python scripts/word_tokens.py runs/val/val.jsonl tinyomni-world runs/v8c/model
+    python diagnostics/word_tokens.py runs/val/val.jsonl tinyomni-world runs/v8c/model
 
 The colour and shape questions of a world JSONL are asked three times with the same picture, changing
 only the image tokens the decoder receives:
@@ -10,7 +10,7 @@ only the image tokens the decoder receives:
 - `centre`: the token at each object's centre (the 5x5 grid cell holding it) is replaced by the sum of
   its colour's and its shape's word embeddings, so the object literally reads "red + star";
 - `words`: the first image tokens are replaced by the object's words in sequence ("red", "star",
-  "blue", "circle", ...), the written-out scene of scripts/text_binding.py without its glue words.
+  "blue", "circle", ...), the written-out scene of diagnostics/text_binding.py without its glue words.
 
 If `centre` or `words` scored far above `picture`, the decoder could bind and the projector would be
 the thing to fix (e.g. align it to the word embeddings). If they do not, the decoder has to learn to

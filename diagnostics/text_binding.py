@@ -1,6 +1,6 @@
 """Can a decoder bind colours to shapes when the scene is written out in words, with no picture at all?
 
-    python scripts/text_binding.py smollm2 tinyomni-world --n 100
+    python diagnostics/text_binding.py smollm2 tinyomni-world --n 100
 
 "The image shows a red star, a blue circle and a green square. What color is the circle?" asks the
 same as world-bench's colour skill, with the vision side taken out of the way: a decoder that fails
@@ -14,7 +14,7 @@ that knows what is there but not what goes with what scores about that.
 records plus as many written-out scenes (train-split colour-shape pairs, other wording: "In a picture
 there are ...") with four questions each in the world skills' words, for a chat stage's `replay`:
 
-    python scripts/text_binding.py --write-training runs/replay_binding.jsonl
+    python diagnostics/text_binding.py --write-training runs/replay_binding.jsonl
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Which kind of wrong are a model's colour and shape answers: not seeing, or not binding?
 
     tinyomni eval run world-bench --model tinyomni-world --out runs/eval/world-bench
-    python scripts/binding_errors.py runs/eval/world-bench/predictions.jsonl \\
+    python diagnostics/binding_errors.py runs/eval/world-bench/predictions.jsonl \\
         ~/.cache/tinyomni/world-bench-v1/world-bench.jsonl
 
 For "What color is the star?" a wrong answer is either a colour that is somewhere in the picture (the
