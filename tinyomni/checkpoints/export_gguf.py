@@ -73,16 +73,7 @@ def export_gguf(model: Model, path: str | Path, outtype: str = "f16") -> Path:
     _add_tokenizer(writer, model)
     for name, tensor in gguf_tensors(model).items():
         _add_tensor(writer, name, tensor, outtype)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        tmp.replace(path)  # a reader never sees half a file
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(writer, tmp, path)
 
 
 def gguf_tensors(model: Model) -> dict[str, torch.Tensor]:
@@ -117,6 +108,20 @@ def permute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     rows = weight.shape[0]
     half = rows // n_heads // 2
     return weight.reshape(n_heads, 2, half, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def write_atomically(writer, tmp: Path, path: Path) -> Path:
+    """Write a GGUFWriter's file to `tmp`, then move it to `path`: a reader never sees half a file."""
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def _add_tensor(writer, name: str, tensor: torch.Tensor, outtype: str) -> None:

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from tinyomni.checkpoints.export_gguf import write_atomically
 from tinyomni.config import OmniConfig
 from tinyomni.errors import InputError
 from tinyomni.model.vision import bucketed_position_ids
@@ -222,16 +223,7 @@ def export_mmproj(model: Model, path: str | Path, outtype: str = "f16") -> Path:
                                                        (vision.feature_layers or (vision.feature_layer,))])
     for name, tensor in tensors.items():
         _add_tensor(writer, name, tensor, outtype)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        tmp.replace(path)  # a reader never sees half a file
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(writer, tmp, path)
 
 
 def exported_blocks(config: OmniConfig) -> int:

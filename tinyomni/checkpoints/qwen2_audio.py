@@ -50,6 +50,7 @@ from tinyomni.checkpoints.internvl import (
     read_chat_template,
 )
 from tinyomni.checkpoints.llava import TEXT_DEFAULTS
+from tinyomni.checkpoints.weights import rename_weights
 from tinyomni.config import AudioConfig, DecoderConfig, OmniConfig, ProjectorConfig
 from tinyomni.errors import CheckpointError, ConfigError
 from tinyomni.processing.audio import HOP_LENGTH, N_FFT, SAMPLE_RATE
@@ -175,23 +176,7 @@ def _convert(weights: Weights, layout: dict[str, str], audio: AudioConfig, where
     tower_names = hf_whisper.whisper_name_map(audio.encoder_layers)
     tables = {"audio": tower_names.get, "projector": PROJECTOR_NAMES.get,
               "decoder": lambda name: _lookup(name, DECODER_NAMES, DECODER_LAYER_NAMES), "head": HEAD_NAMES.get}
-    parts = sorted(layout.items(), key=lambda item: -len(item[1]))  # "language_model.lm_head." first
-    state: dict[str, torch.Tensor] = {}
-    unknown: list[str] = []
-    for key in weights.keys():
-        part = next((p for p, prefix in parts if key.startswith(prefix)), None)
-        name = key[len(layout[part]):] if part else ""
-        if part is not None and DROPPED.search(name):
-            continue
-        ours = tables[part](name) if part else None
-        if ours is None:
-            unknown.append(key)
-            continue
-        state[OUR_PREFIX[part] + ours] = weights.get(key)
-    if unknown:
-        shown = ", ".join(sorted(unknown)[:8]) + (f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else "")
-        raise CheckpointError(f"{where}: unknown Qwen2-Audio weight(s) {shown}")
-    return state
+    return rename_weights(weights, layout, tables, OUR_PREFIX, where, "Qwen2-Audio", DROPPED)
 
 
 def _their_namer(layout: dict[str, str]):

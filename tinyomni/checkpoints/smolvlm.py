@@ -44,6 +44,7 @@ from tinyomni.checkpoints.internvl import (
     read_chat_template,
 )
 from tinyomni.checkpoints.llava import _decoder_config, _decoder_name, _json, _processor_files, _tokenizer
+from tinyomni.checkpoints.weights import rename_weights
 from tinyomni.config import OmniConfig, ProjectorConfig, VisionConfig
 from tinyomni.errors import CheckpointError, ConfigError
 
@@ -157,25 +158,9 @@ def _tower_name(name: str) -> str | None:
 
 def _convert(weights: Weights, where: str) -> dict[str, torch.Tensor]:
     """Every checkpoint tensor under our name; unknown ones are a CheckpointError listing them."""
-    state: dict[str, torch.Tensor] = {}
-    unknown: list[str] = []
-    for key in weights.keys():
-        part = next((p for p, prefix in LAYOUT.items() if key.startswith(prefix)), None)
-        name = key[len(LAYOUT[part]):] if part else ""
-        if part is not None and DROPPED.search(name):
-            continue
-        ours = {"vision": _tower_name, "projector": PROJECTOR_NAMES.get, "decoder": _decoder_name,
-                "head": HEAD_NAMES.get}.get(part or "", lambda _: None)(name)
-        if ours == "":  # a tower part nothing reads (a legacy position_ids buffer)
-            continue
-        if ours is None:
-            unknown.append(key)
-            continue
-        state[OUR_PREFIX[part] + ours] = weights.get(key)
-    if unknown:
-        shown = ", ".join(sorted(unknown)[:8]) + (f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else "")
-        raise CheckpointError(f"{where}: unknown Idefics3/SmolVLM weight(s) {shown}")
-    return state
+    tables = {"vision": _tower_name, "projector": PROJECTOR_NAMES.get, "decoder": _decoder_name,
+              "head": HEAD_NAMES.get}
+    return rename_weights(weights, LAYOUT, tables, OUR_PREFIX, where, "Idefics3/SmolVLM", DROPPED)
 
 
 def _their_name(ours: str) -> str:

@@ -17,7 +17,9 @@ import json
 import math
 import mmap
 import os
+import re
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,3 +155,35 @@ def read_header(file: Path) -> dict[str, Stored]:
             raise corrupt(f"tensor {name!r} ends past the end of the file")
         out[name] = Stored(file, dtype, shape, 8 + length + begin, end - begin)
     return out
+
+
+def rename_weights(weights: Weights, layout: dict[str, str], tables: dict[str, Callable[[str], str | None]],
+                   our_prefix: dict[str, str], where: str, family: str,
+                   dropped: re.Pattern[str] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a family's checkpoint under our name, mapped (not read).
+
+    A key belongs to the part whose `layout` prefix it starts with (the longest one); that part's
+    table maps the rest of its name: to our name under `our_prefix[part]`, to "" for a tensor nothing
+    reads (skipped), or to None. Keys no part claims, or that a table maps to None, are one
+    CheckpointError naming them: never a silently dropped weight. `dropped`: names skipped outright
+    (buffers transformers writes and recomputes, e.g. rotary inverse frequencies).
+    """
+    parts = sorted(layout.items(), key=lambda item: -len(item[1]))
+    state: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for key in weights.keys():
+        part = next((p for p, prefix in parts if key.startswith(prefix)), None)
+        name = key[len(layout[part]):] if part else ""
+        if part is not None and dropped is not None and dropped.search(name):
+            continue
+        ours = tables[part](name) if part in tables else None
+        if ours == "":
+            continue
+        if ours is None:
+            unknown.append(key)
+            continue
+        state[our_prefix[part] + ours] = weights.get(key)
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:8]) + (f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else "")
+        raise CheckpointError(f"{where}: unknown {family} weight(s) {shown}")
+    return state

@@ -219,13 +219,19 @@ class DecoderModel(nn.Module):
 
 
 class Decoder(nn.Module):
-    """A causal LM: `model` (the body) and `lm_head`, named as in transformers' LlamaForCausalLM."""
+    """A causal LM: `model` (the body) and `lm_head`, named as in transformers' LlamaForCausalLM.
+
+    Other decoder kinds (model/opt.py, model/phi.py) subclass it with their own body and
+    `hidden_states`; the head, cache, initialisation and loss are this class's."""
+
+    body: type[nn.Module] = DecoderModel
+    head_bias = False  # Phi's head has one
 
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = DecoderModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model = self.body(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=self.head_bias)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         # An engine may install a one-token step that runs every layer at once (tinyomni.engine does,

@@ -12,15 +12,13 @@ training take either. Names are transformers' `OPTForCausalLM` names without `mo
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinyomni.config import DecoderConfig
 from tinyomni.model.activations import get_activation
-from tinyomni.model.decoder import CacheState, KVCache, build_attention_mask
+from tinyomni.model.decoder import CacheState, Decoder, build_attention_mask
 
 POSITION_OFFSET = 2  # OPT's position embedding rows 0 and 1 are never used (a fairseq legacy)
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which OPT uses
@@ -80,30 +78,10 @@ class OPTModel(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=LAYER_NORM_EPS)
 
 
-class OPTDecoder(nn.Module):
-    """A causal LM with `Decoder`'s interface: `model` (the body) and `lm_head`."""
+class OPTDecoder(Decoder):
+    """`Decoder` with OPT's body: learned positions, LayerNorm, a biased MLP (BLIP-2's decoders)."""
 
-    def __init__(self, config: DecoderConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.model = OPTModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.decode_step: Callable[..., Tensor | None] | None = None  # engines' fused step: none for OPT
-        if not self.lm_head.weight.is_meta:
-            for module in self.modules():
-                if isinstance(module, (nn.Linear, nn.Embedding)):
-                    nn.init.normal_(module.weight, std=0.02)
-                if isinstance(module, nn.Linear) and module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        weight = self.model.embed_tokens.weight
-        return KVCache(self.config, batch, max_len, dtype or weight.dtype, weight.device)
-
-    def embed(self, input_ids: Tensor) -> Tensor:
-        return self.model.embed_tokens(input_ids)
+    body = OPTModel
 
     def hidden_states(self, x: Tensor, position_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                       cache: CacheState | None = None) -> Tensor:
@@ -119,18 +97,3 @@ class OPTDecoder(nn.Module):
         for layer in self.model.layers:
             x = layer(x, mask, cache)
         return self.model.final_layer_norm(x)
-
-    def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
-                position_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                cache: CacheState | None = None, labels: Tensor | None = None,
-                logits_to_keep: int = 0) -> tuple[Tensor, Tensor | None]:
-        """(logits, loss), as `Decoder.forward`."""
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        x = self.hidden_states(x, position_ids, attention_mask, cache)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        logits = self.lm_head(x)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return logits, loss

@@ -11,16 +11,19 @@ either. Parameter names are transformers' `PhiForCausalLM` names, so its state d
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinyomni.config import DecoderConfig
-from tinyomni.errors import InputError
 from tinyomni.model.activations import get_activation
-from tinyomni.model.decoder import CacheState, KVCache, apply_rope, build_attention_mask, single_query_attention
+from tinyomni.model.decoder import (
+    CacheState,
+    Decoder,
+    apply_rope,
+    build_attention_mask,
+    single_query_attention,
+)
 
 
 class PartialRotaryEmbedding(nn.Module):
@@ -121,31 +124,12 @@ class PhiModel(nn.Module):
         self.rotary_emb = PartialRotaryEmbedding(config)
 
 
-class PhiDecoder(nn.Module):
-    """A causal LM with `Decoder`'s interface: `model` (the body) and `lm_head` (with a bias, as Phi's)."""
+class PhiDecoder(Decoder):
+    """`Decoder` with Phi's body (parallel attention and MLP, partial rotary) and a biased head. The
+    engine's fused one-token step is Llama-shaped: it never runs here (the layers run eagerly)."""
 
-    def __init__(self, config: DecoderConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.model = PhiModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        # The engines' fused one-token step is Llama-shaped: never installed for Phi (layers run eagerly).
-        self.decode_step: Callable[..., Tensor | None] | None = None
-        if not self.lm_head.weight.is_meta:  # meta: built only to receive a checkpoint's tensors
-            for module in self.modules():
-                if isinstance(module, (nn.Linear, nn.Embedding)):
-                    nn.init.normal_(module.weight, std=0.02)
-                if isinstance(module, nn.Linear) and module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        weight = self.model.embed_tokens.weight
-        return KVCache(self.config, batch, max_len, dtype or weight.dtype, weight.device)
-
-    def embed(self, input_ids: Tensor) -> Tensor:
-        return self.model.embed_tokens(input_ids)
+    body = PhiModel
+    head_bias = True
 
     def hidden_states(self, x: Tensor, position_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                       cache: CacheState | None = None) -> Tensor:
@@ -161,23 +145,3 @@ class PhiDecoder(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache)
         return self.model.final_layernorm(x)
-
-    def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
-                position_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                cache: CacheState | None = None, labels: Tensor | None = None,
-                logits_to_keep: int = 0) -> tuple[Tensor, Tensor | None]:
-        """(logits, loss), as `Decoder.forward`."""
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        x = self.hidden_states(x, position_ids, attention_mask, cache)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        if self.lm_head.bias is None:
-            # The quantizer rebuilds a tied head from the embedding table, without the bias Phi's head has:
-            # its logits would be silently wrong.
-            raise InputError("this Phi decoder's LM head lost its bias (quantizing a Phi with tied embeddings "
-                             "drops it, which is not supported): load it without quantize")
-        logits = self.lm_head(x)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return logits, loss
