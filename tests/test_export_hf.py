@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from parity import relative_error
 from safetensors import safe_open
-from test_interop_internvl import build, conversation, make_tokenizer, noise_image, randomize, relative_error
+from test_interop_internvl import build, conversation, make_tokenizer, noise_image, randomize
 
 import tinyomni
 from tinyomni.api import Model, add_media_tokens

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from parity import relative_error
 from safetensors.torch import load_file, save_file
-from test_interop_llava import edit_json, make_tokenizer, noise_image, randomize, relative_error
+from test_interop_llava import edit_json, make_tokenizer, noise_image, randomize
 
 import tinyomni
 from tinyomni.checkpoints.families import family_for

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from parity import assert_logits_match, assert_same_greedy
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -187,9 +188,6 @@ def reference_inputs(processor, messages: list[dict]) -> dict:
                                          return_tensors="pt")
 
 
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
 
 # --- parity --------------------------------------------------------------------------------------------
 CASES = {
@@ -227,17 +225,8 @@ def test_logits_and_greedy_continuation_match_transformers(case: str, tmp_path: 
     with torch.no_grad():
         logits, _ = ours.model(ids, pixel_values=prompt.pixel_values)
         theirs = reference(**inputs).logits
-    assert logits.shape == theirs.shape
-    assert relative_error(logits, theirs) <= 1e-4
-    assert (logits - theirs).abs().max().item() / theirs.abs().max().item() <= 1e-4
-
-    completion = ours.complete(messages, max_new_tokens=16)
-    with torch.no_grad():
-        generated = reference.generate(
-            **inputs, max_new_tokens=16, do_sample=False, eos_token_id=ours.tokenizer.eos_token_ids,
-            suppress_tokens=ours.suppress_ids, pad_token_id=ours.tokenizer.pad_token_id)
-    assert completion.token_ids == generated[0, ids.shape[1]:].tolist()
-    assert len(completion.token_ids) == 16
+    assert_logits_match(logits, theirs)
+    assert_same_greedy(ours, reference, messages, inputs, ids.shape[1])
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from parity import assert_logits_match, assert_same_greedy, relative_error
 from safetensors.torch import load_file, save_file
-from test_interop_llava import copy_dir, edit_json, randomize, relative_error
+from test_interop_llava import copy_dir, edit_json, randomize
 
 import tinyomni
 from tinyomni.checkpoints.families import family_for
@@ -183,17 +184,8 @@ def test_logits_and_greedy_continuation_match_transformers(case: str, tmp_path: 
         for k, features in enumerate(prompt.audio_features):  # ours: only the clip's own positions
             mine = ours.model.encode_audio(features)
             assert relative_error(mine, projected[0][k, :mine.shape[0]]) <= 1e-5
-    assert logits.shape == theirs.shape
-    assert relative_error(logits, theirs) <= 1e-4
-    assert (logits - theirs).abs().max().item() / theirs.abs().max().item() <= 1e-4
-
-    completion = ours.complete(messages, max_new_tokens=16)
-    with torch.no_grad():
-        generated = reference.generate(
-            **inputs, max_new_tokens=16, do_sample=False, eos_token_id=ours.tokenizer.eos_token_ids,
-            suppress_tokens=ours.suppress_ids, pad_token_id=ours.tokenizer.pad_token_id)
-    assert completion.token_ids == generated[0, ids.shape[1]:].tolist()
-    assert len(completion.token_ids) == 16
+    assert_logits_match(logits, theirs)
+    assert_same_greedy(ours, reference, messages, inputs, ids.shape[1])
 
 
 @pytest.fixture(scope="module")

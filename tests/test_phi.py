@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_interop_llava import edit_json, make_tokenizer, randomize, relative_error
+from parity import relative_error
+from test_interop_llava import edit_json, make_tokenizer, randomize
 
 import tinyomni
 from tinyomni.checkpoints.families import family_for
