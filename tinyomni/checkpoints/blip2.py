@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tinyomni.checkpoints import instructblip
-from tinyomni.checkpoints.families import Imported, read_hf_config
+from tinyomni.checkpoints.families import Imported
 from tinyomni.checkpoints.internvl import Weights, _check_complete, _lookup, read_chat_template
 from tinyomni.checkpoints.llava import _tokenizer
 from tinyomni.config import ACTIVATIONS, DecoderConfig
@@ -98,13 +98,7 @@ def read_blip2(path: str | Path) -> Imported:
     """Read a transformers-native BLIP-2 directory (`Blip2ForConditionalGeneration`, OPT decoder)."""
     path = Path(path)
     where = str(path)
-    raw = read_hf_config(path)
-    if "image_token_id" in raw and "image_token_index" not in raw:  # Blip2Config's attribute_map
-        raw["image_token_index"] = raw["image_token_id"]
-    hf = {**BLIP2_DEFAULTS, **{k: v for k, v in raw.items() if v is not None}}
-    if hf["image_token_index"] is None:
-        raise CheckpointError(f"{where}: config.json has no image_token_index: a checkpoint from before "
-                              "transformers wrote query-token placeholders into the prompt is not supported")
+    raw, hf = instructblip.read_config(path, BLIP2_DEFAULTS)
     if (hf.get("qformer_config") or {}).get("use_qformer_text_input"):
         raise CheckpointError(f"{where}: qformer_config use_qformer_text_input true is not supported (BLIP-2's "
                               "generation reads the queries only)")

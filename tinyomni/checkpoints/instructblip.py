@@ -43,6 +43,7 @@ from tinyomni.checkpoints.internvl import (
     read_chat_template,
 )
 from tinyomni.checkpoints.llava import TEXT_DEFAULTS, _decoder_name, _image_token, _processor_files, _tokenizer
+from tinyomni.checkpoints.weights import rename_weights
 from tinyomni.config import ACTIVATIONS, DecoderConfig, OmniConfig, ProjectorConfig, QFormerConfig, VisionConfig
 from tinyomni.errors import CheckpointError, ConfigError
 from tinyomni.processing.instructblip import PLAIN_TEMPLATE, attach_instruction_tokenizer
@@ -232,28 +233,16 @@ def convert(weights: Weights, where: str, layout: dict[str, str] = LAYOUT,
             ) -> dict[str, torch.Tensor]:
     """Every checkpoint tensor under our name (the BLIP tower, the connector by `projector_name`, the decoder
     by `decoder_name`); unknown ones are a CheckpointError listing them."""
-    state: dict[str, torch.Tensor] = {}
-    unknown: list[str] = []
-    parts = [(p, layout[p]) for p in ("head", "decoder", "vision", "projector")]  # the empty prefix last
-    for key in weights.keys():
-        part = next(p for p, prefix in parts if key.startswith(prefix))
-        name = key[len(layout[part]):]
-        if DROPPED.search(name) or name in UNUSED:
-            continue
-        if part == "vision":
-            ours = _lookup(name, VISION_NAMES, VISION_LAYER_NAMES)
-        else:
-            ours = {"projector": projector_name, "decoder": decoder_name, "head": HEAD_NAMES.get}[part](name)
-        if ours is None:
-            unknown.append(key)
-            continue
-        tensor = weights.get(key)
-        if part == "vision" and ours in VISION_RESHAPE:
-            tensor = VISION_RESHAPE[ours](tensor)
-        state[OUR_PREFIX[part] + ours] = tensor
-    if unknown:
-        shown = ", ".join(sorted(unknown)[:8]) + (f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else "")
-        raise CheckpointError(f"{where}: unknown {family} weight(s) {shown}")
+    def unused_or(table: Callable[[str], str | None]) -> Callable[[str], str | None]:
+        return lambda name: "" if name in UNUSED else table(name)
+
+    tables = {"vision": unused_or(lambda name: _lookup(name, VISION_NAMES, VISION_LAYER_NAMES)),
+              "projector": unused_or(projector_name), "decoder": unused_or(decoder_name),
+              "head": unused_or(HEAD_NAMES.get)}
+    state = rename_weights(weights, layout, tables, OUR_PREFIX, where, family, DROPPED)
+    for ours, reshape in VISION_RESHAPE.items():
+        if OUR_PREFIX["vision"] + ours in state:
+            state[OUR_PREFIX["vision"] + ours] = reshape(state[OUR_PREFIX["vision"] + ours])
     _split_qkv(state, OUR_PREFIX["vision"])
     return state
 
@@ -299,17 +288,24 @@ def tie(config: OmniConfig, state: dict[str, torch.Tensor], raw: dict[str, Any],
     config.decoder.tie_word_embeddings = says_tied and OUR_PREFIX["head"] + "weight" not in state
 
 
+def read_config(path: Path, defaults: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """config.json as written (`raw`) and with `defaults` for what it leaves out (`hf`), for InstructBLIP
+    and BLIP-2 alike: both need the image_token_index that query-token placeholders are written with."""
+    raw = read_hf_config(path)
+    if "image_token_id" in raw and "image_token_index" not in raw:  # the configs' attribute_map
+        raw["image_token_index"] = raw["image_token_id"]
+    hf = {**defaults, **{k: v for k, v in raw.items() if v is not None}}
+    if hf["image_token_index"] is None:
+        raise CheckpointError(f"{path}: config.json has no image_token_index: a checkpoint from before "
+                              "transformers wrote query-token placeholders into the prompt is not supported")
+    return raw, hf
+
+
 def read_instructblip(path: str | Path) -> Imported:
     """Read a transformers-native InstructBLIP directory (`InstructBlipForConditionalGeneration`)."""
     path = Path(path)
     where = str(path)
-    raw = read_hf_config(path)
-    if "image_token_id" in raw and "image_token_index" not in raw:  # InstructBlipConfig's attribute_map
-        raw["image_token_index"] = raw["image_token_id"]
-    hf = {**INSTRUCTBLIP_DEFAULTS, **{k: v for k, v in raw.items() if v is not None}}
-    if hf["image_token_index"] is None:
-        raise CheckpointError(f"{where}: config.json has no image_token_index: a checkpoint from before "
-                              "transformers wrote query-token placeholders into the prompt is not supported")
+    raw, hf = read_config(path, INSTRUCTBLIP_DEFAULTS)
     vision = vision_config(hf, where)
     qformer = qformer_config(hf, vision, where)
     decoder, text = _text_config(hf, where)
