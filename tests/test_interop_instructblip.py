@@ -230,6 +230,17 @@ def test_chat_passes_the_qformer_ids(blip_dir: Path) -> None:
     assert isinstance(ours.chat(conversation(noise_image(28, 28)), max_new_tokens=2), str)
 
 
+def test_a_saved_checkpoint_keeps_the_qformer_tokenizer(blip_dir: Path, tmp_path: Path) -> None:
+    """An imported InstructBLIP saved as a tinyomni checkpoint loads back with its Q-Former vocabulary:
+    the same Q-Former ids and the same greedy answer as the imported model."""
+    ours = tinyomni.load(blip_dir)
+    saved = tinyomni.load(ours.save(tmp_path / "saved"))
+    image = noise_image(30, 30, seed=3)
+    messages = conversation(image, "How many red circles are there?")
+    assert saved.prepare(messages).qformer_input_ids == ours.prepare(messages).qformer_input_ids
+    assert saved.complete(messages, max_new_tokens=6).token_ids == ours.complete(messages, max_new_tokens=6).token_ids
+
+
 # --- what does not load -------------------------------------------------------------------------------
 def _copy(source: Path, dest: Path) -> Path:
     return Path(shutil.copytree(source, dest))

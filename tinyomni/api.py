@@ -35,6 +35,7 @@ from tinyomni.generate import Completion, Generation, SamplingParams
 from tinyomni.model import lora
 from tinyomni.model.omni import OmniModel
 from tinyomni.processing.chat import ChatProcessor, Prompt
+from tinyomni.processing.instructblip import read_instruction_tokenizer, save_instruction_tokenizer
 from tinyomni.processing.tokenizer import Tokenizer
 
 # The reference model's trained parts (encoders, projectors, added token rows, LoRA adapter), shipped
@@ -210,6 +211,7 @@ class Model:
     def _write_text_files(self, tmp: Path) -> None:
         """Tokenizer, chat template and default sampling settings: every checkpoint has them."""
         self.tokenizer.save(tmp)
+        save_instruction_tokenizer(self.tokenizer, tmp)  # InstructBLIP's Q-Former vocabulary, when it has one
         (tmp / native.TEMPLATE_FILE).write_text(self.chat_template)
         if self.generation_defaults:
             (tmp / native.GENERATION_FILE).write_text(json.dumps(self.generation_defaults, indent=2) + "\n")
@@ -333,7 +335,7 @@ def _load_quantized(path: Path, name: str | None = None) -> Model:
     from tinyomni.engine import checkpoint
 
     model, spec = checkpoint.load(path)
-    loaded = _without_absent_tokens(Model(model, Tokenizer.from_dir(path), _read_template(path),
+    loaded = _without_absent_tokens(Model(model, _read_tokenizer(path), _read_template(path),
                                           name=name or str(path)))
     if len(loaded.tokenizer) > model.config.decoder.vocab_size:
         raise CheckpointError(f"{path}: tokenizer has {len(loaded.tokenizer)} tokens but the decoder has only "
@@ -534,10 +536,17 @@ def assemble(config: OmniConfig, state: dict[str, torch.Tensor], where: str) -> 
     return model
 
 
+def _read_tokenizer(path: Path) -> Tokenizer:
+    """A checkpoint's tokenizer, with the Q-Former's own one attached where the checkpoint keeps it."""
+    tokenizer = Tokenizer.from_dir(path)
+    read_instruction_tokenizer(tokenizer, path)
+    return tokenizer
+
+
 def _load_native(path: Path, name: str | None = None) -> Model:
     config = native.read_config(path)
     state = native.read_weights(path)
-    tokenizer = Tokenizer.from_dir(path)
+    tokenizer = _read_tokenizer(path)
     template = _read_template(path)
     merged = (path / lora.ADAPTER_CONFIG).is_file()
     tied = config.decoder.tie_word_embeddings

@@ -46,7 +46,7 @@ from tinyomni.checkpoints.llava import TEXT_DEFAULTS, _decoder_name, _image_toke
 from tinyomni.checkpoints.weights import rename_weights
 from tinyomni.config import ACTIVATIONS, DecoderConfig, OmniConfig, ProjectorConfig, QFormerConfig, VisionConfig
 from tinyomni.errors import CheckpointError, ConfigError
-from tinyomni.processing.instructblip import PLAIN_TEMPLATE, attach_instruction_tokenizer
+from tinyomni.processing.instructblip import PLAIN_TEMPLATE, TOKENIZER_DIR, attach_instruction_tokenizer
 from tinyomni.processing.tokenizer import Tokenizer
 
 # --- names -------------------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ IMAGE_PROCESSOR_DEFAULTS: dict[str, Any] = dict(  # BlipImageProcessor (PIL back
     do_normalize=True, image_mean=[0.48145466, 0.4578275, 0.40821073],
     image_std=[0.26862954, 0.26130258, 0.27577711], do_convert_rgb=True)
 IMAGE_PROCESSORS = ("BlipImageProcessor",)
-QFORMER_TOKENIZER_DIR = "qformer_tokenizer"  # where InstructBlipProcessor.save_pretrained writes it
+QFORMER_TOKENIZER_DIR = TOKENIZER_DIR
 
 
 # --- config --------------------------------------------------------------------------------------------

@@ -47,9 +47,10 @@ def atomic_directory(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         write(tmp)
-        for file in tmp.iterdir():  # data on disk before the rename makes it visible
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
+        for file in tmp.rglob("*"):  # data on disk before the rename makes it visible
+            if file.is_file():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)

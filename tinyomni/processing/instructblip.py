@@ -11,10 +11,12 @@ The images themselves need nothing of their own: BlipImageProcessor's plain bicu
 
 The Q-Former tokenizer travels with the main one, as its `qformer_tokenizer` attribute (set by
 `attach_instruction_tokenizer` when a checkpoint is imported), since the model's processor is built from
-the main tokenizer alone.
+the main tokenizer alone. A saved checkpoint keeps it in `qformer_tokenizer/`, as upstream does.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from tinyomni.errors import InputError
 from tinyomni.processing.tokenizer import Tokenizer
@@ -25,11 +27,26 @@ PLAIN_TEMPLATE = (
     "{% for message in messages %}{% if not loop.first %}{{ ' ' }}{% endif %}{{ message['content'] }}{% endfor %}"
 )
 ATTRIBUTE = "qformer_tokenizer"
+TOKENIZER_DIR = "qformer_tokenizer"  # where InstructBlipProcessor.save_pretrained writes it, and so do we
 
 
 def attach_instruction_tokenizer(tokenizer: Tokenizer, qformer: Tokenizer) -> None:
     """Make `qformer` the Q-Former tokenizer that comes with `tokenizer`."""
     setattr(tokenizer, ATTRIBUTE, qformer)
+
+
+def save_instruction_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
+    """Write the attached Q-Former tokenizer (if any) where a checkpoint keeps it, so it loads back."""
+    qformer = getattr(tokenizer, ATTRIBUTE, None)
+    if qformer is not None:
+        (directory / TOKENIZER_DIR).mkdir(exist_ok=True)
+        qformer.save(directory / TOKENIZER_DIR)
+
+
+def read_instruction_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
+    """Attach the Q-Former tokenizer a checkpoint directory keeps (a saved InstructBLIP), if it has one."""
+    if (directory / TOKENIZER_DIR / "tokenizer.json").is_file():
+        attach_instruction_tokenizer(tokenizer, Tokenizer.from_dir(directory / TOKENIZER_DIR))
 
 
 def instruction_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
