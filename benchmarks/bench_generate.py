@@ -14,6 +14,8 @@ SmolLM2's Q4_1 file, and a Q8_0 file of the same model (`tinyomni export smollm2
 q8_0`, written once under the cache, or --q8-gguf) that tinyomni int8 also runs from its own blocks;
 "vs llama.cpp" is each quantized row against llama.cpp on the same file (int4 and int8 of the Q4_1
 file against Q4_1; int8 of the Q8_0 file against Q8_0).
+Quantized prompts run prefill's AMX GEMM where the CPU has AMX (the title says which path;
+TINYOMNI_PREFILL=dequantize selects the older dequantize + matmul path for an A/B run).
 Prefill tok/s = prompt tokens / time to the first token; decode tok/s = (new tokens - 1) / time after
 it; each the median of --repeats runs. Ratios are against transformers in the same dtype (llama.cpp's
 against transformers fp32). Weights MB: bytes of weights the engine holds (tied tensors once);
@@ -175,14 +177,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from tinyomni.checkpoints.gguf import smollm2_gguf_path
-    from tinyomni.engine import kernel_path, quantize_model
+    from tinyomni.engine import kernel_path, ops, quantize_model
 
     console = Console(width=170)  # the table is wider than a non-terminal default of 80
     ids = torch.randint(100, 40000, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     load = os.getloadavg()
     table = Table(title=f"SmolLM2-135M, prompt {args.prompt}, {args.new} new tokens, "
                         f"{torch.get_num_threads()} threads, {args.clock} clock, torch {torch.__version__}, "
-                        f"engine {kernel_path()}, "
+                        f"engine {kernel_path()}, prefill {ops.prefill_path()}, "
                         f"load average {load[0]:.2f} / {load[1]:.2f} at start")
     for column in ("dtype", "engine", "file", "weights MB", "prefill tok/s", "decode tok/s", "decode GB/s",
                    "prefill ×", "decode ×", "prefill vs llama.cpp", "decode vs llama.cpp"):

@@ -132,8 +132,8 @@ class Model:
 
     def embed(self, image: Any = None, text: Any = None, audio: Any = None, space: str = "image") -> torch.Tensor:
         """L2-normalised embeddings ([D] for one input, [N, D] for a list) from this model's contrastive
-        towers (towers.json in its directory; tinyomni/retrieval). A model without them (the shipped
-        tinyomni-world) raises CheckpointError saying where towers come from."""
+        towers (towers.json in its directory; tinyomni/retrieval; the shipped tinyomni-world has them). A
+        model without them raises CheckpointError saying where towers come from."""
         from tinyomni import retrieval
 
         return retrieval.of_model(self).embed(image=image, text=text, audio=audio, space=space)
@@ -299,7 +299,9 @@ def load(path_or_id: str | Path | None = None, device: str | torch.device = "cpu
         elif base is None and not (path / lora.ADAPTER_CONFIG).is_file() and quantize is None:
             model = _load_native(path, name)  # already one safetensors read: nothing to cache
         else:  # a GGUF base to dequantize, an adapter to merge, weights to quantize: done once, then cached
-            model = _cached([path, *_base_sources(base)], dtype, lambda: _load_native(path, name), quantize)
+            # Quantizing keeps an adapter apart, in float over the base's blocks (engine/lora.py).
+            model = _cached([path, *_base_sources(base)], dtype,
+                            lambda: _load_native(path, name, merge_adapter=quantize is None), quantize)
     elif spec == "smollm2" or spec.endswith(".gguf"):
         model = _cached(_base_sources(spec), dtype, lambda: from_base_decoder(spec), quantize)
     elif path.is_dir():
@@ -462,7 +464,7 @@ def _load_decoder_weights(model: OmniModel, base: BaseDecoder, added_rows: torch
         state["lm_head.bias"] = torch.cat([state["lm_head.bias"], state["lm_head.bias"].new_zeros(extra)])
     tied = model.config.decoder.tie_word_embeddings
     native.check_state(model.language_model, state, f"base decoder {model.config.base_decoder!r}",
-                       allow_missing=lambda k: tied and k == "lm_head.weight")
+                       allow_missing=lambda k: (tied and k == "lm_head.weight") or ".visual_expert." in k)
     model.language_model.load_state_dict(state, strict=False)
 
 
@@ -543,7 +545,7 @@ def _read_tokenizer(path: Path) -> Tokenizer:
     return tokenizer
 
 
-def _load_native(path: Path, name: str | None = None) -> Model:
+def _load_native(path: Path, name: str | None = None, merge_adapter: bool = True) -> Model:
     config = native.read_config(path)
     state = native.read_weights(path)
     tokenizer = _read_tokenizer(path)
@@ -553,6 +555,10 @@ def _load_native(path: Path, name: str | None = None) -> Model:
     if config.base_model is not None:  # the base's own model, with the tensors training changed put in
         spec = _base_model_spec(path, config.base_model)
         model = _load_base_model(path, spec).model
+        if config.decoder.visual_expert and not model.config.decoder.visual_expert:  # added on the base (a recipe)
+            from tinyomni.model.visual_expert import add_visual_expert
+
+            add_visual_expert(model)
         model.config.base_model = spec  # resolved, so saving again elsewhere still finds the base
         native.check_state(model, state, str(path), allow_missing=lambda k: True)
         model.load_state_dict(state, strict=False)
@@ -564,17 +570,17 @@ def _load_native(path: Path, name: str | None = None) -> Model:
     if config.base_decoder is not None and config.base_model is None:  # saving never writes both
         base = load_base_decoder(config.base_decoder)
         _load_decoder_weights(model, base, state.pop(native.ADDED_ROWS, None))
-        own = {k for k in model.state_dict() if not k.startswith("language_model.")}
+        own = {k for k in model.state_dict() if not k.startswith("language_model.") or ".visual_expert." in k}
         native.check_state(model, state, str(path), allow_missing=lambda k: k not in own)
         model.load_state_dict(state, strict=False)
     elif merged and config.base_model is None:
         native.check_state(model, state, str(path),
                            allow_missing=lambda k: tied and k == "language_model.lm_head.weight")
         model.load_state_dict(state, strict=False)
-    if merged:  # a LoRA adapter: rebuilt, loaded and merged for speed
+    if merged:  # a LoRA adapter: rebuilt, loaded and merged for speed (kept apart when it will be quantized)
         adapter = json.loads((path / lora.ADAPTER_CONFIG).read_text())
         try:
-            lora.load_adapter(model, adapter, native.read_weights(path, lora.ADAPTER_WEIGHTS))
+            lora.load_adapter(model, adapter, native.read_weights(path, lora.ADAPTER_WEIGHTS), merge=merge_adapter)
         except (KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{path}: the LoRA adapter does not fit the model ({e})") from None
     # More embeddings than tokens is fine (Qwen2 pads its table, e.g. a saved InternVL); fewer is not.

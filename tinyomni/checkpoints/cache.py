@@ -1,6 +1,7 @@
 """The load cache: a model as `tinyomni.load` built it (a GGUF decoder dequantized, a LoRA adapter
-merged, the weights cast), kept as a complete checkpoint directory keyed by the hashes of the files
-it was built from, so the next load reads one safetensors file instead of building it again.
+merged, or kept apart over quantized blocks, the weights cast), kept as a complete checkpoint
+directory keyed by the hashes of the files it was built from, so the next load reads one
+safetensors file instead of building it again.
 
 - A key is a hash of the source files' contents (sha256; remembered per path, size and mtime in
   `digests.json`, so a 100 MB GGUF is hashed once, not at every load) and of the load's options (dtype).
@@ -22,7 +23,9 @@ from pathlib import Path
 
 from tinyomni.checkpoints.native import CONFIG_FILE, atomic_directory
 
-FORMAT = 1  # bump when what an entry holds changes: old entries then simply miss
+FORMAT = 2  # bump when what an entry holds changes: old entries then simply miss
+# 2: a quantized entry of a model with a LoRA adapter keeps the adapter apart (engine/lora.py), where
+# 1 held it merged and requantized (int8 over a 4-bit GGUF base)
 INFO_FILE = "cache_info.json"  # what a built Model knows beyond its checkpoint files (name, flags)
 CACHE_ENV = "TINYOMNI_CACHE"
 MAX_GB_ENV = "TINYOMNI_CACHE_MAX_GB"

@@ -6,13 +6,19 @@ generation config) whose `model.safetensors` holds each quantized linear's packe
 tensors left (norms, and the vision and audio towers unless they were quantized too), plus
 `quantization.json`:
 
-    {"format": "tinyomni-quantized", "version": 1,
+    {"format": "tinyomni-quantized", "version": 2,
      "mode": "int4",                                   # what was asked for (a layer may differ, e.g. Q8_0)
      "layouts": {"int4": "<hash>", ...},               # the packed layout each kind was written in
      "linears": {"language_model.lm_head": {"kind": "int4", "in_features": 576, "out_features": 49152,
-                                             "activations": "int8x2", "bias": false}, ...},
+                                             "activations": "int8x2", "bias": false},
+                 "language_model.model.layers.0.self_attn.q_proj": {..., "lora": {"r": 16, "scaling": 2.0}},
+                 ...},
      "embeddings": {"language_model.model.embed_tokens": {"table": "language_model.lm_head",
                                                           "dtype": "float32"}}}
+
+A linear with "lora" is a `LoRAQuantLinear` (engine/lora.py): its blocks plus a float adapter,
+`<module>.lora_A` [r, in] and `<module>.lora_B` [out, r], kept apart rather than merged and
+requantized. Version 1 (before adapters) holds the same minus "lora", and is still read.
 
 Loading builds the model without initialising it (native.no_init), then puts a QuantLinear around
 each module's tensors straight from the mmap'd file: no float copy of a quantized weight is ever
@@ -36,13 +42,15 @@ from tinyomni.checkpoints import native
 from tinyomni.config import OmniConfig
 from tinyomni.engine.kernels.int4 import reference as int4_ref
 from tinyomni.engine.kernels.int8 import reference as int8_ref
+from tinyomni.engine.lora import LoRAQuantLinear
 from tinyomni.engine.modules import ACTIVATIONS, KINDS, QuantEmbedding, QuantLinear
 from tinyomni.errors import CheckpointError
 from tinyomni.model.omni import OmniModel
 
 SPEC_FILE = native.QUANTIZATION_FILE
 FORMAT = "tinyomni-quantized"
-VERSION = 1  # bump when what the files hold changes (names, the JSON's fields)
+VERSION = 2  # bump when what the files hold changes (names, the JSON's fields); 2 added "lora"
+READABLE = (1, 2)  # versions this engine loads: 1 is 2 without adapters
 BUFFERS = ("qweight", "scales", "mins")
 _REFERENCES = {"int4": int4_ref, "int8": int8_ref}
 
@@ -91,10 +99,14 @@ def quantized_state(model: nn.Module, mode: str) -> tuple[dict[str, Tensor], dic
                                       "model cannot be saved")
             embeddings[name] = {"table": table, "dtype": str(module.weight.dtype).replace("torch.", "")}
             shared.add(f"{name}.table.")
-        elif isinstance(module, QuantLinear) and not any(name.startswith(f"{e}.table") for e in embeddings):
+        elif isinstance(module, QuantLinear):
+            if any(name.startswith(f"{e}.table") for e in embeddings):
+                continue  # the LM head's blocks, seen under the embedding's name too
             linears[name] = {"kind": module.kind, "in_features": module.in_features,
                              "out_features": module.out_features, "activations": module.activations,
                              "bias": module.bias is not None}
+            if isinstance(module, LoRAQuantLinear):  # its lora_A / lora_B buffers are in the state dict
+                linears[name]["lora"] = {"r": module.r, "scaling": module.scaling}
         elif hasattr(module, "lora_A"):
             raise CheckpointError(f"{name}: a model with LoRA layers cannot be saved quantized; merge them first")
     state = {k: v for k, v in model.state_dict().items() if not any(k.startswith(p) for p in shared)}
@@ -123,10 +135,10 @@ def read_spec(path: Path) -> dict[str, Any]:
     if not isinstance(spec, dict) or spec.get("format") != FORMAT:
         raise CheckpointError(f"{file} is not a tinyomni quantized-checkpoint description "
                               f"(expected \"format\": \"{FORMAT}\")")
-    if spec.get("version") != VERSION:
+    if spec.get("version") not in READABLE:
         raise CheckpointError(f"{file}: quantized-checkpoint format version {spec.get('version')!r}, but this "
-                              f"tinyomni reads version {VERSION}; quantize the float model again "
-                              "(tinyomni quantize MODEL --bits 4 --out DIR)")
+                              f"tinyomni reads versions {', '.join(map(str, READABLE))}; quantize the float "
+                              "model again (tinyomni quantize MODEL --bits 4 --out DIR)")
     linears, embeddings = spec.get("linears"), spec.get("embeddings", {})
     if not isinstance(linears, dict) or not isinstance(embeddings, dict) or not isinstance(spec.get("layouts"), dict):
         raise CheckpointError(f"{file}: \"linears\", \"embeddings\" and \"layouts\" must be JSON objects")
@@ -141,6 +153,12 @@ def read_spec(path: Path) -> dict[str, Any]:
         for field in ("in_features", "out_features"):
             if not isinstance(entry.get(field), int) or entry[field] <= 0:
                 raise CheckpointError(f"{file}: {name}.{field} must be a positive integer")
+        if "lora" in entry:
+            adapter = entry["lora"]
+            if (spec["version"] < 2 or not isinstance(adapter, dict) or not isinstance(adapter.get("r"), int)
+                    or adapter["r"] <= 0 or not isinstance(adapter.get("scaling"), (int, float))):
+                raise CheckpointError(f"{file}: {name}.lora must be {{\"r\": a positive integer, \"scaling\": a "
+                                      "number}} (in a version 2 file)")
     for kind in {e["kind"] for e in linears.values()}:
         if spec["layouts"].get(kind) != layout_signature(kind):
             raise CheckpointError(f"{file}: its {kind} blocks were packed in a layout this engine no longer "
@@ -176,6 +194,21 @@ def _buffers(state: dict[str, Tensor], name: str, entry: dict[str, Any], where: 
     return [*found, bias]
 
 
+def _adapter(state: dict[str, Tensor], name: str, entry: dict[str, Any], where: str) -> tuple[Tensor, Tensor]:
+    """A LoRA linear's lora_A [r, in] and lora_B [out, r] from the file, checked."""
+    r, n, k = entry["lora"]["r"], entry["out_features"], entry["in_features"]
+    found = []
+    for buffer, shape in (("lora_A", (r, k)), ("lora_B", (n, r))):
+        t = state.pop(f"{name}.{buffer}", None)
+        if t is None:
+            raise CheckpointError(f"{where}: {name}.{buffer} is missing (quantization.json gives it an adapter)")
+        if not t.is_floating_point() or tuple(t.shape) != shape:
+            raise CheckpointError(f"{where}: {name}.{buffer} is {t.dtype} {tuple(t.shape)}, but a rank-{r} "
+                                  f"adapter of {k} -> {n} features needs a float {shape}")
+        found.append(t)
+    return found[0], found[1]
+
+
 def _swap(root: nn.Module, name: str, new: nn.Module, where: str) -> None:
     parent_name, _, child = name.rpartition(".")
     try:
@@ -201,13 +234,15 @@ def load(path: Path, config: OmniConfig | None = None) -> tuple[OmniModel, dict[
         qweight, scales, mins, bias = _buffers(state, name, entry, where)
         linear = QuantLinear(entry["kind"], qweight, scales, mins, bias, entry["in_features"],
                              entry["out_features"], entry["activations"])
+        if "lora" in entry:
+            linear = LoRAQuantLinear(linear, *_adapter(state, name, entry, where), entry["lora"]["scaling"])
         _swap(model, name, linear, where)
     for name, entry in spec["embeddings"].items():
         table = model.get_submodule(entry["table"])
         _swap(model, name, QuantEmbedding(table, getattr(torch, entry["dtype"])), where)
     # The float tensors left (norms, towers, an untied embedding): as a float checkpoint's.
     tables = tuple(f"{name}.table." for name in spec["embeddings"])
-    quantized = {f"{name}.{b}" for name in spec["linears"] for b in (*BUFFERS, "bias")}
+    quantized = {f"{name}.{b}" for name in spec["linears"] for b in (*BUFFERS, "bias", "lora_A", "lora_B")}
     native.check_state(model, state, where, allow_missing=lambda k: k.startswith(tables) or k in quantized)
     before = {n: t.data_ptr() for n, t in model.state_dict().items() if n not in quantized and not n.startswith(tables)}
     model.load_state_dict(state, strict=False, assign=True)

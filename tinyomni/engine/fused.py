@@ -4,8 +4,9 @@
 linears were made some other way (a saved quantized checkpoint) gets it from `install(decoder)`.
 It runs only where it computes what the layers would (kernels/decode.h: the same rounding points,
 only summation orders differ): the C++ kernels are in use, no autograd, not under torch.compile, a
-Llama-shaped decoder whose seven projections per layer are all `QuantLinear`s. Anything else (the
-reference kernels, a LoRA wrapper, another decoder kind) returns None and the layers run as usual.
+Llama-shaped decoder whose seven projections per layer are all `QuantLinear`s (a `LoRAQuantLinear`'s
+float adapter included: the C++ step adds its rank-r update, see engine/lora.py). Anything else (the
+reference kernels, a float LoRALinear, another decoder kind) returns None and the layers run as usual.
 
 TINYOMNI_FUSED_DECODE=0 turns it off (to measure what it saves, or to rule it out when debugging).
 """
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 from tinyomni.engine import ops
+from tinyomni.engine.lora import LoRAQuantLinear
 from tinyomni.engine.modules import QuantLinear
 from tinyomni.model.decoder import MLP, Attention, CacheState, Decoder, DecoderLayer, RMSNorm
 
@@ -80,6 +82,10 @@ class FusedDecode:
             if len({m.passes for m in linears}) != 1:
                 self._unusable = "layers mix activation formats"
                 return
+            if any(isinstance(m, LoRAQuantLinear) and m.lora_A.dtype != layer.input_layernorm.weight.dtype
+                   for m in linears):
+                self._unusable = f"layer {i} has a LoRA adapter in another dtype than its activations"
+                return
         if config.attn_head_dim % 2 or config.num_attention_heads % config.num_key_value_heads:
             self._unusable = "head shapes the fused step does not take"
         elif config.hidden_act != "silu":
@@ -104,19 +110,24 @@ class FusedDecode:
 
     def _build(self, layers):
         config = self.decoder.config
-        norms, weights, biases, shapes = [], [], [], []
+        norms, weights, biases, shapes, adapters = [], [], [], [], []
         passes = None
         for layer in layers:
             norms += [layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()]
             for name in PROJECTIONS:
                 m = layer.get_submodule(name)
+                if isinstance(m, LoRAQuantLinear):
+                    adapters.append((len(biases), m.lora_A.detach(), m.lora_B.detach(), m.scaling))
                 weights += [m.qweight, m.scales, m.mins]
                 biases.append(None if m.bias is None else m.bias.detach())
                 shapes += [4 if m.kind == "int4" else 8, m.in_features, m.out_features]
                 passes = m.passes
         eps = layers[0].input_layernorm.eps
-        return ops.extension().DecodeStack(norms, weights, biases, shapes, config.num_attention_heads,
-                                           config.num_key_value_heads, config.attn_head_dim, eps, passes)
+        stack = ops.extension().DecodeStack(norms, weights, biases, shapes, config.num_attention_heads,
+                                            config.num_key_value_heads, config.attn_head_dim, eps, passes)
+        for index, lora_A, lora_B, scaling in adapters:
+            stack.set_adapter(index, lora_A, lora_B, scaling)
+        return stack
 
     def __getstate__(self) -> dict:  # the C++ stack is rebuilt on use, not copied
         return {**self.__dict__, "_stack": None, "_sources": [], "_checked": False, "_unusable": ""}

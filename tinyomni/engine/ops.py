@@ -2,10 +2,13 @@
 
 `kernel_path()` says which (and why not the fast one); `use_reference()` switches to the references
 at run time (tests, debugging), as the environment variable TINYOMNI_ENGINE=reference does at start.
+`prefill_path()` says how prompts (more than 16 rows) run: the AMX GEMM where the CPU has AMX, else
+dequantize + matmul; `use_gemm(False)` (or TINYOMNI_PREFILL=dequantize) picks the latter.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -17,6 +20,8 @@ from tinyomni.engine.kernels.int8 import reference as int8_ref
 
 _extension, _reason = load_extension()
 _forced_reference = False
+PREFILL_ENV = "TINYOMNI_PREFILL"  # "dequantize" turns prefill's AMX GEMM off (see use_gemm)
+_gemm_enabled = os.environ.get(PREFILL_ENV, "").lower() != "dequantize"
 
 # The callables QuantLinear.forward uses; rebound by use_reference(). Eager calls go straight to the
 # pybind11 functions (the least per-call overhead); compiled graphs use torch.ops.tinyomni.*.
@@ -56,6 +61,27 @@ def use_reference(flag: bool = True) -> None:
     _bind()
 
 
+def prefill_path() -> str:
+    """How quantized linears run prompts (more than 16 rows): "amx-gemm" (kernels/gemm, int8 tiles for
+    fp32 activations, bf16 tiles for bf16 ones) or "dequantize+matmul (why)"."""
+    if not using_extension():
+        return f"dequantize+matmul ({kernel_path()})"
+    if not _extension.gemm_supported():
+        return "dequantize+matmul (this CPU lacks AMX-INT8/BF16, or Linux refused tile data)"
+    if not _gemm_enabled:
+        return f"dequantize+matmul (use_gemm(False) or {PREFILL_ENV}=dequantize)"
+    return "amx-gemm"
+
+
+def use_gemm(flag: bool = True) -> None:
+    """Switch prefill's AMX GEMM on (default where supported) or off (the dequantize + matmul path),
+    as TINYOMNI_PREFILL=dequantize does at start; for A/B measurements and debugging."""
+    global _gemm_enabled
+    _gemm_enabled = flag
+    if _extension is not None:
+        _extension.set_gemm_enabled(flag)
+
+
 def extension():
     """The loaded C++ module (None when unavailable), for tests that call the kernels directly."""
     return _extension
@@ -72,3 +98,4 @@ if _extension is not None:
         return x.new_empty(*x.shape[:-1], out_features)
 
 _bind()
+use_gemm(_gemm_enabled)

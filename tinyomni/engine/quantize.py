@@ -11,8 +11,11 @@ What each decoder weight becomes:
   quantized to int8, group 32, asymmetric (min/max, 255 levels).
 Both formats are w = d*q + m per block of 32 with fp16 d and m (see kernels/int4, kernels/int8).
 GGUF blocks are used only where the model's weight still equals them (a fine-tuned or merged
-weight is quantized from its float values instead). With tied embeddings the LM head and the token
-table share one quantized tensor. The vision and audio towers stay float unless `towers=True`.
+weight is quantized from its float values instead). A LoRA layer left unmerged (model/lora.py; what
+`tinyomni.load(..., quantize=...)` does for a checkpoint with an adapter) becomes a `LoRAQuantLinear`
+(engine/lora.py): its base weight quantized as any other, so a GGUF base keeps the file's blocks, and
+the adapter beside it in float. With tied embeddings the LM head and the token table share one
+quantized tensor. The vision and audio towers stay float unless `towers=True`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from tinyomni.engine import fused
 from tinyomni.engine.gguf_blocks import Blocks, index_tensors, read_blocks, supported, unpermute_order
 from tinyomni.engine.kernels.int4 import reference as int4_ref
 from tinyomni.engine.kernels.int8 import reference as int8_ref
+from tinyomni.engine.lora import LoRAQuantLinear
 from tinyomni.engine.modules import ACTIVATIONS, KINDS, QuantEmbedding, QuantLinear
+from tinyomni.model.lora import LoRALinear
 from tinyomni.model.omni import OmniModel
 
 log = logging.getLogger(__name__)
@@ -135,18 +140,29 @@ def _swap(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
+def _quantized(linear: nn.Linear, blocks: Blocks | None, mode: str, activations: str,
+               changed: str | None) -> QuantLinear:
+    """One float linear as a QuantLinear; a LoRALinear as a LoRAQuantLinear (base quantized, adapter float)."""
+    base = to_linear(_from_file(blocks, linear.weight, mode, changed), linear.bias, linear.weight.device, activations)
+    return LoRAQuantLinear.around(base, linear) if isinstance(linear, LoRALinear) else base
+
+
 def quantize_module(module: nn.Module, mode: str, blocks: dict[str, Blocks] | None = None,
                     activations: str = "int8x2", changed: str | None = None) -> int:
-    """Replace every nn.Linear under `module` by a QuantLinear of `mode`; returns how many were swapped.
-    `blocks`: file blocks by module name, used where they match the weight (`changed`: the kind for
-    weights that no longer match their file blocks; default `mode`)."""
+    """Replace every nn.Linear under `module` by a QuantLinear of `mode` (a LoRALinear by a
+    LoRAQuantLinear); returns how many were swapped. `blocks`: file blocks by module name, used where
+    they match the weight (`changed`: the kind for weights that no longer match their file blocks;
+    default `mode`)."""
     blocks = blocks or {}
     count = 0
+    adapters: list[str] = []  # LoRALinear names: their lora_A / lora_B children go with them
     for name, child in list(module.named_modules()):
-        if type(child) is nn.Linear:
-            device = child.weight.device
-            blocks_for = _from_file(blocks.get(name), child.weight, mode, changed)
-            _swap(module, name, to_linear(blocks_for, child.bias, device, activations))
+        if any(name.startswith(f"{a}.") for a in adapters):
+            continue
+        if type(child) is nn.Linear or isinstance(child, LoRALinear):
+            if isinstance(child, LoRALinear):
+                adapters.append(name)
+            _swap(module, name, _quantized(child, blocks.get(name), mode, activations, changed))
             count += 1
     return count
 
@@ -171,16 +187,18 @@ def quantize_model(model: OmniModel, mode: str, *, gguf: str | Path | bool = Tru
         raise ValueError("this model is already quantized")
     path = gguf_source(model) if gguf is True else (Path(gguf) if gguf else None)
     blocks = read_gguf_blocks(path, model) if path is not None else {}
-    # A fine-tune of a 4-bit file (tinyomni-world: SmolLM2's Q4_1 plus a merged LoRA) is not requantized
-    # to 4 bits: the second rounding, on top of the file's, broke it (measured on tinyomni-world: logits
+    # A merged fine-tune of a 4-bit file (tinyomni-world with its LoRA merged) is not requantized to 4
+    # bits: the second rounding, on top of the file's, broke it (measured on tinyomni-world: logits
     # relative error 1.44 and a garbage answer in int4, 0.14 and the float model's answer in int8).
-    # Its changed weights go to int8; the file's own blocks stay as they are.
+    # Its changed weights go to int8; the file's own blocks stay as they are. An adapter kept apart (a
+    # LoRALinear, as load(quantize=...) leaves it) is not such a change: its base weights are still the
+    # file's, so they keep the file's blocks, and the adapter stays float beside them.
     changed = "int8" if mode == "int4" and blocks else None
     embed = decoder.model.embed_tokens
     if decoder.config.tie_word_embeddings and decoder.lm_head.weight is embed.weight:
         source = blocks.get("model.embed_tokens", blocks.get("lm_head"))
-        head = to_linear(_from_file(source, embed.weight, mode, changed), decoder.lm_head.bias,
-                         embed.weight.device, activations)  # Phi's tied head keeps its own bias
+        # Phi's tied head keeps its own bias; an adapter on the head applies to the head only.
+        head = _quantized(decoder.lm_head, source, mode, activations, changed)
         decoder.lm_head = head
         decoder.model.embed_tokens = QuantEmbedding(head, embed.weight.dtype)
     count = quantize_module(decoder, mode, blocks, activations, changed)
@@ -207,6 +225,8 @@ def describe(model: nn.Module) -> dict[str, int]:
             seen.add(id(module))
             summary[f"{module.kind} layers"] = summary.get(f"{module.kind} layers", 0) + 1
             summary[f"{module.kind} bytes"] = summary.get(f"{module.kind} bytes", 0) + module.nbytes
+            if isinstance(module, LoRAQuantLinear):
+                summary["lora adapter bytes"] = summary.get("lora adapter bytes", 0) + module.lora_nbytes
     float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     summary["float parameter bytes"] = float_bytes
     return summary

@@ -13,6 +13,8 @@ at::Tensor int4_dequantize(const at::Tensor&, const at::Tensor&, const at::Tenso
 at::Tensor int8_linear(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                        const std::optional<at::Tensor>&, int64_t, int64_t, int64_t);
 at::Tensor int8_dequantize(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, at::ScalarType);
+at::Tensor gemm_linear(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                       const std::optional<at::Tensor>&, int64_t, int64_t, int64_t);
 }  // namespace tinyomni
 
 namespace {
@@ -34,10 +36,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_dequantize", &tinyomni::int4_dequantize);
   m.def("int8_linear", &tinyomni::int8_linear);
   m.def("int8_dequantize", &tinyomni::int8_dequantize);
+  m.def("gemm_supported", &tinyomni::gemm_supported);  // prefill's AMX GEMM (gemm/gemm.cpp)
+  m.def("set_gemm_enabled", &tinyomni::set_gemm_enabled);
+  m.def("gemm_linear", &tinyomni::gemm_linear);
   pybind11::class_<tinyomni::DecodeStack>(m, "DecodeStack")
       .def(pybind11::init<const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
                           const std::vector<std::optional<at::Tensor>>&, const std::vector<int64_t>&, int64_t, int64_t,
                           int64_t, double, int64_t>())
+      .def("set_adapter", &tinyomni::DecodeStack::set_adapter)
       .def("forward", &tinyomni::DecodeStack::forward);
 }
 

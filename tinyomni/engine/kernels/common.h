@@ -17,8 +17,8 @@ namespace tinyomni {
 constexpr int64_t QK = 32;  // values per quantization block, weights and activations alike
 
 // Up to this many activation rows use the VNNI matrix-vector kernels (decode, small batches); more
-// rows (prefill) dequantize the weight once and run a dense GEMM, which is compute-bound and where
-// oneDNN (AMX for bf16) beats an int8 dot-product loop.
+// rows (prefill) use the AMX int8 GEMM (gemm/gemm.cpp) where the CPU has it, else dequantize the
+// weight once and run a dense float GEMM (oneDNN).
 constexpr int64_t GEMV_MAX_ROWS = 16;
 
 // Weight rows are stored interleaved in groups of 16 (one AVX-512 lane per row), so one dpbusd
@@ -60,6 +60,18 @@ void int4_gemv(const uint8_t* qw, const at::Half* scales, const at::Half* mins, 
                int64_t M, int64_t begin, int64_t end, float* result, int64_t N);
 void int8_gemv(const uint8_t* qw, const at::Half* scales, const at::Half* mins, int64_t nb, const Q8Activations& act,
                int64_t M, int64_t begin, int64_t end, float* result, int64_t N);
+
+// Prefill's GEMM on AMX bf16 tiles (gemm/gemm.cpp): x2d [M, K] contiguous fp32/bf16 against one packed
+// weight of `bits` 4 or 8 (already checked by the caller), result [M, N] in x2d's dtype; the float
+// path's arithmetic (no activation quantization, so no `passes`). Only call it
+// when gemm_supported() (AMX-BF16 and AVX512-BF16 present and the OS granted tile data to this process);
+// the linears use it when gemm_available() (supported, and not switched off by set_gemm_enabled).
+bool gemm_supported();
+bool gemm_available();
+void set_gemm_enabled(bool flag);
+at::Tensor quantized_gemm(const at::Tensor& x2d, const at::Tensor& qweight, const at::Tensor& scales,
+                          const at::Tensor& mins, const std::optional<at::Tensor>& bias, int64_t out_features,
+                          int64_t bits);
 
 // Shape checks shared by both kernels; returns x as a contiguous [M, K] matrix.
 at::Tensor as_matrix(const at::Tensor& x, int64_t in_features);

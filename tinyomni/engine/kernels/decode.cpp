@@ -41,24 +41,54 @@ void gemv_one(const PackedLinear& w, const Q8Activations& act, int64_t M, int64_
   }
 }
 
-// out_i = act · W_i^T (+ bias_i) for up to three weights that share one input: one parallel region
-// over all their row groups, so each thread gets an even share of the whole layer part.
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(load16(a + i, n - i), load16(b + i, n - i), acc);
+  return _mm512_reduce_add_ps(acc);
+}
+
+constexpr int64_t MAX_RANK = 512;
+
+// The linear's epilogue for output rows [j0, j1) of its M rows: bias in float, then its output
+// dtype; then a LoRA adapter's B (A x) from `a` = A x [M, rank], rounded where the eager
+// LoRAQuantLinear's ops store their outputs (B (A x), the product with scaling, the sum).
 template <bool BF>
-void gemv(const Q8Activations& act, int64_t M, int n, const PackedLinear* const* ws, float* const* outs) {
+void epilogue(const PackedLinear& w, const float* a, int64_t M, int64_t j0, int64_t j1, float* y) {
+  for (int64_t m = 0; m < M; ++m) {
+    float* row = y + m * w.out;
+    for (int64_t j = j0; j < j1; ++j) row[j] = R<BF>(row[j] + (w.bias ? w.bias[j] : 0.0f));
+    if (!w.lora_a) continue;
+    const float* am = a + m * w.rank;
+    for (int64_t j = j0; j < j1; ++j)
+      row[j] = R<BF>(row[j] + R<BF>(R<BF>(dot(w.lora_b + j * w.rank, am, w.rank)) * w.scaling));
+  }
+}
+
+// out_i = act · W_i^T (+ bias_i) (+ LoRA_i(x)) for up to three weights that share one input x
+// (`act` is x quantized): one parallel region over all their row groups, so each thread gets an
+// even share of the whole layer part, and finishes its rows there. An adapter's A x (rank * in
+// multiply-adds a row, small) is computed before the region into `lora` (M * max_rank per weight).
+template <bool BF>
+void gemv(const float* x, const Q8Activations& act, int64_t M, int n, const PackedLinear* const* ws,
+          float* const* outs, float* lora, int64_t max_rank) {
   int64_t offsets[4] = {0, 0, 0, 0};
   for (int i = 0; i < n; ++i) offsets[i + 1] = offsets[i] + ws[i]->groups;
+  for (int i = 0; i < n; ++i) {
+    const PackedLinear& w = *ws[i];
+    for (int64_t m = 0; w.lora_a && m < M; ++m)
+      for (int64_t r = 0; r < w.rank; ++r)
+        lora[i * M * max_rank + m * w.rank + r] = R<BF>(dot(w.lora_a + r * w.in, x + m * w.in, w.in));
+  }
   at::parallel_for(0, offsets[n], GROUP_GRAIN, [&](int64_t begin, int64_t end) {
     for (int i = 0; i < n; ++i) {
       const int64_t lo = std::max(begin, offsets[i]), hi = std::min(end, offsets[i + 1]);
-      if (lo < hi) gemv_one(*ws[i], act, M, lo - offsets[i], hi - offsets[i], outs[i]);
+      if (lo >= hi) continue;
+      const PackedLinear& w = *ws[i];
+      gemv_one(w, act, M, lo - offsets[i], hi - offsets[i], outs[i]);
+      epilogue<BF>(w, lora + i * M * max_rank, M, (lo - offsets[i]) * ROWS, std::min((hi - offsets[i]) * ROWS, w.out),
+                   outs[i]);
     }
   });
-  for (int i = 0; i < n; ++i) {  // the linear's epilogue: bias in float, then its output dtype
-    const PackedLinear& w = *ws[i];
-    float* y = outs[i];
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t j = 0; j < w.out; ++j) y[m * w.out + j] = R<BF>(y[m * w.out + j] + (w.bias ? w.bias[j] : 0.0f));
-  }
 }
 
 // RMSNorm as model/decoder.py: normalise in float, cast to the activation dtype, times the weight.
@@ -154,6 +184,25 @@ DecodeStack::DecodeStack(const std::vector<at::Tensor>& norms, const std::vector
   }
 }
 
+void DecodeStack::set_adapter(int64_t index, const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling) {
+  TORCH_CHECK(index >= 0 && index < static_cast<int64_t>(linears_.size()), "DecodeStack: no linear ", index);
+  PackedLinear& w = linears_[index];
+  TORCH_CHECK(lora_a.scalar_type() == dtype_ && lora_b.scalar_type() == dtype_,
+              "DecodeStack: linear ", index, "'s adapter is not in the activation dtype ", dtype_);
+  const int64_t r = lora_a.dim() == 2 ? lora_a.size(0) : -1;
+  TORCH_CHECK(r >= 1 && r <= MAX_RANK && lora_a.size(1) == w.in && lora_b.dim() == 2 && lora_b.size(0) == w.out &&
+                  lora_b.size(1) == r,
+              "DecodeStack: linear ", index, " (", w.out, "x", w.in, ") gets adapter shapes A ", lora_a.sizes(),
+              ", B ", lora_b.sizes(), " (rank 1..", MAX_RANK, ")");
+  at::Tensor a = lora_a.detach().to(at::kFloat).contiguous(), b = lora_b.detach().to(at::kFloat).contiguous();
+  keep_.insert(keep_.end(), {a, b});
+  w.lora_a = a.data_ptr<float>();
+  w.lora_b = b.data_ptr<float>();
+  w.rank = r;
+  max_rank_ = std::max(max_rank_, r);
+  w.scaling = static_cast<float>(scaling);
+}
+
 at::Tensor DecodeStack::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
                                 at::Tensor& v_cache, const at::Tensor& slots, const std::optional<at::Tensor>& rows,
                                 int64_t kv_len, const std::optional<at::Tensor>& key_valid) {
@@ -208,6 +257,7 @@ at::Tensor DecodeStack::forward(const at::Tensor& x, const at::Tensor& cos, cons
   g_.resize(B * inter_);
   u_.resize(B * inter_);
   scores_.resize((heads_ / kv_heads_) * kv_len);
+  lora_.resize(3 * B * max_rank_);
   at::Tensor xin = x.contiguous();
   if (dtype_ == at::kBFloat16) {
     const at::BFloat16* p = xin.data_ptr<at::BFloat16>();
@@ -243,7 +293,7 @@ void DecodeStack::run(int64_t B, const T* cos, const T* sin, T* kc, T* vc, const
       const Q8Activations& act = quantize_activations(h_.data(), B, hidden_, w[Q].blocks, passes_);
       const PackedLinear* ws[3] = {&w[Q], &w[K], &w[V]};
       float* outs[3] = {q_.data(), k_.data(), v_.data()};
-      gemv<BF>(act, B, 3, ws, outs);
+      gemv<BF>(h_.data(), act, B, 3, ws, outs, lora_.data(), max_rank_);
     }
     for (int64_t b = 0; b < B; ++b) {
       rope<BF>(q_.data() + b * qdim, heads_, hd, cos + b * hd, sin + b * hd);
@@ -316,7 +366,7 @@ void DecodeStack::run(int64_t B, const T* cos, const T* sin, T* kc, T* vc, const
       const Q8Activations& act = quantize_activations(att_.data(), B, qdim, w[O].blocks, passes_);
       const PackedLinear* ws[1] = {&w[O]};
       float* outs[1] = {o_.data()};
-      gemv<BF>(act, B, 1, ws, outs);
+      gemv<BF>(att_.data(), act, B, 1, ws, outs, lora_.data(), max_rank_);
     }
     for (int64_t i = 0; i < B * hidden_; ++i) x_[i] = R<BF>(x_[i] + o_[i]);
     // MLP: norm, gate/up in one region, silu(gate) * up, down.
@@ -325,7 +375,7 @@ void DecodeStack::run(int64_t B, const T* cos, const T* sin, T* kc, T* vc, const
       const Q8Activations& act = quantize_activations(h_.data(), B, hidden_, w[GATE].blocks, passes_);
       const PackedLinear* ws[2] = {&w[GATE], &w[UP]};
       float* outs[2] = {g_.data(), u_.data()};
-      gemv<BF>(act, B, 2, ws, outs);
+      gemv<BF>(h_.data(), act, B, 2, ws, outs, lora_.data(), max_rank_);
     }
     for (int64_t i = 0; i < B * inter_; ++i) {
       const float gi = g_[i];
@@ -335,7 +385,7 @@ void DecodeStack::run(int64_t B, const T* cos, const T* sin, T* kc, T* vc, const
       const Q8Activations& act = quantize_activations(h_.data(), B, inter_, w[DOWN].blocks, passes_);
       const PackedLinear* ws[1] = {&w[DOWN]};
       float* outs[1] = {o_.data()};
-      gemv<BF>(act, B, 1, ws, outs);
+      gemv<BF>(h_.data(), act, B, 1, ws, outs, lora_.data(), max_rank_);
     }
     for (int64_t i = 0; i < B * hidden_; ++i) x_[i] = R<BF>(x_[i] + o_[i]);
   }

@@ -24,6 +24,12 @@ struct PackedLinear {
   const at::Half* mins = nullptr;
   int64_t blocks = 0, groups = 0, in = 0, out = 0;
   const float* bias = nullptr;  // float32 copy, or nullptr
+  // A float LoRA adapter beside the blocks (engine/lora.py), or none: y += scaling * B (A x), with
+  // lora_a [rank, in] and lora_b [out, rank] row-major float32 copies.
+  const float* lora_a = nullptr;
+  const float* lora_b = nullptr;
+  int64_t rank = 0;
+  float scaling = 0.0f;
 };
 
 class DecodeStack {
@@ -40,6 +46,10 @@ class DecodeStack {
   // rows[b] (rows: None = b). cos/sin: [B, ..., head_dim] rotary tables for each row's position.
   // Attention reads slots 0..kv_len-1; key_valid [B, kv_len] (bool, None = all valid) marks padding,
   // and a row never attends past its own slot except where key_valid is None (as the eager mask).
+  // Give linear `index` (layer * 7 + its place in the order above) a LoRA adapter: A [r, in] and
+  // B [out, r] in the activation dtype, added as the eager LoRAQuantLinear adds it.
+  void set_adapter(int64_t index, const at::Tensor& lora_a, const at::Tensor& lora_b, double scaling);
+
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
                      at::Tensor& v_cache, const at::Tensor& slots, const std::optional<at::Tensor>& rows,
                      int64_t kv_len, const std::optional<at::Tensor>& key_valid);
@@ -58,6 +68,8 @@ class DecodeStack {
   int passes_;
   // Scratch reused by every step (grown, never shrunk).
   std::vector<float> x_, h_, q_, k_, v_, att_, o_, g_, u_, scores_;
+  std::vector<float> lora_;  // A x of up to three adapters, [3, B, max_rank_]
+  int64_t max_rank_ = 1;
 };
 
 }  // namespace tinyomni

@@ -186,7 +186,10 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   const int64_t M = x2d.size(0), N = out_features, nb = qweight.size(1) / 256, groups = qweight.size(0);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
-  if (M > GEMV_MAX_ROWS) {  // prefill: dequantize once, dense GEMM
+  if (M > GEMV_MAX_ROWS && gemm_available()) {  // prefill on AMX: no dequantized copy
+    return quantized_gemm(x2d, qweight, scales, mins, bias, N, 4).view(shape);
+  }
+  if (M > GEMV_MAX_ROWS) {  // prefill without AMX: dequantize once, dense GEMM
     at::Tensor w = int4_dequantize(qweight, scales, mins, in_features, N, x.scalar_type());
     return at::linear(x2d, w, bias.has_value() ? bias->to(x.scalar_type()) : std::optional<at::Tensor>())
         .view(shape);
