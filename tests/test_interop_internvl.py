@@ -530,10 +530,3 @@ def test_the_original_layout_loads_to_the_same_model(case: str, tmp_path: Path) 
         a, _ = hf.model(ids, pixel_values=prompt.pixel_values)
         b, _ = original.model(ids, pixel_values=prompt.pixel_values)
     assert torch.equal(a, b)
-
-
-def test_the_original_layout_with_an_internlm2_decoder_is_refused_by_name(qwen2_dir: Path, tmp_path: Path) -> None:
-    write_original_layout(qwen2_dir, tmp_path / "original", "qwen2")
-    edit_config(tmp_path / "original", lambda c: c["llm_config"].update(architectures=["InternLM2ForCausalLM"]))
-    with pytest.raises(CheckpointError, match="'InternLM2ForCausalLM' language model is not supported"):
-        tinyomni.load(tmp_path / "original")

@@ -184,6 +184,12 @@ class ProjectorConfig:
     resampler_rms_norm_eps: float = 1e-6
     # kind "qformer": the Q-Former's settings (None: QFormerConfig's defaults); downsample_ratio must be 1.
     qformer: QFormerConfig | None = None
+    # kind "aria" (Aria's projector, tinyomni.model.aria_projector): aria_num_queries learned queries (the first
+    # of aria_query_rows stored ones; None: as many) cross-attend once to the tower's features (the tower's
+    # heads), then LayerNorm → Linear → GELU (tanh) → Linear to the decoder width (hidden_size: the inner width,
+    # None: the decoder's). That many tokens per tile; downsample_ratio must be 1.
+    aria_num_queries: int = 128
+    aria_query_rows: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind == "qformer" and self.qformer is None:
@@ -226,7 +232,8 @@ class DecoderConfig:
     max_position_embeddings: int = 8192
     rms_norm_eps: float = 1e-5
     rope_theta: float = 100000.0
-    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "linear"|"llama3", "factor": ...}
+    # {"rope_type": "linear"|"llama3"|"dynamic", "factor": ...}, or "longrope" with LONGROPE_KEYS (Phi-3)
+    rope_scaling: dict[str, Any] | None = None
     attention_bias: bool = False  # Qwen2 has q/k/v bias
     tie_word_embeddings: bool = True
     hidden_act: str = "silu"
@@ -243,6 +250,18 @@ class DecoderConfig:
     partial_rotary_factor: float = 1.0
     layer_norm_eps: float = 1e-5
     qk_layernorm: bool = False
+    # "moe": a mixture-of-experts decoder (tinyomni.model.moe; Aria's text model): a Llama layer whose MLP is
+    # num_experts routed SwiGLU experts of intermediate_size each, num_experts_per_tok of them per token (top-k
+    # of a bias-free router's logits, softmax over the chosen), plus an always-on shared MLP as wide as
+    # num_shared_experts experts (0: none). router_aux_loss_coef weighs the Switch-style load-balancing loss
+    # in training (0: none). Unused by the other kinds.
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    num_shared_experts: int = 2
+    router_aux_loss_coef: float = 0.0
+    # CogVLM's deep fusion (tinyomni.model.visual_expert): every layer also holds a second set of attention
+    # projections and a second MLP that image tokens use (text tokens keep the usual ones). kind "llama" only.
+    visual_expert: bool = False
 
     @property
     def attn_head_dim(self) -> int:
@@ -260,9 +279,20 @@ class DecoderConfig:
                  "decoder.hidden_size must be divisible by num_attention_heads (or set head_dim)")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            _require(kind in ("linear", "llama3", "default"),
-                     f"decoder.rope_scaling type {kind!r} is not supported (linear, llama3)")
-        _require(self.kind in ("llama", "opt", "phi"), f"decoder.kind must be llama, opt or phi, got {self.kind!r}")
+            _require(kind in ("linear", "llama3", "default", "dynamic", "longrope"),
+                     f"decoder.rope_scaling type {kind!r} is not supported (linear, llama3, dynamic, longrope)")
+            # longrope (Phi-3): per-channel short/long factors, switched at original_max_position_embeddings
+            _require(kind != "longrope" or all(k in self.rope_scaling for k in LONGROPE_KEYS),
+                     f"decoder.rope_scaling longrope needs {', '.join(LONGROPE_KEYS)}")
+        _require(self.kind in ("llama", "opt", "phi", "moe"),
+                 f"decoder.kind must be llama, opt, phi or moe, got {self.kind!r}")
+        _require(not self.visual_expert or self.kind == "llama",
+                 f"decoder.visual_expert needs decoder.kind 'llama', got {self.kind!r}")
+        _require(self.kind != "moe" or (1 <= self.num_experts_per_tok <= self.num_experts
+                                        and self.num_shared_experts >= 0 and self.router_aux_loss_coef >= 0),
+                 f"decoder.kind 'moe' routes each token to num_experts_per_tok ({self.num_experts_per_tok}) of "
+                 f"num_experts ({self.num_experts}): it must be in [1, num_experts]; num_shared_experts and "
+                 "router_aux_loss_coef must be >= 0")
         _require(self.kind != "phi" or (0 < self.partial_rotary_factor <= 1 and self.rotary_dim % 2 == 0
                                         and self.rotary_dim > 0),
                  f"decoder.partial_rotary_factor {self.partial_rotary_factor} gives {self.rotary_dim} rotary "
@@ -333,8 +363,23 @@ class OmniConfig:
     # resampler, whose token count does not depend on the size. image_prompt "tile_runs" (Idefics2Processor):
     # each tile's run between image_start_token's, images next to each other sharing one, a space after the
     # last when a word follows. See processing/idefics2.py.
+    # image_resize "aria" (AriaImageProcessor, no splitting): the longer side resized (bicubic) to the tile
+    # (the tower's image_size), the other kept in proportion but at least image_shortest_edge (None: 1 px), then
+    # padded bottom and right to the square tile with NaN pixels (projector.kind "aria" masks them).
+    # See processing/aria.py.
     image_global_token: str = "<global-img>"
+    # image_resize "anyres" (LLaVA-NeXT's image processor): the image at the best of these (height, width)
+    # resolutions (multiples of the tile), cut into tiles after its whole-image tile (resized to
+    # image_shortest_edge², or the tile); the model packs the grid's features with image_newline after each
+    # row, so an image's token count depends on its size. See processing/llava_next.py, model/anyres.py.
+    image_grid_pinpoints: list[list[int]] = field(default_factory=list)
     video_frames: int = 8
+    # How a video is written into the prompt (processing/video.py): "frames" (InternVL: "Frame1: " and the
+    # frame's image before each newline) or "timestamps" (SmolVLM: an intro sentence, then
+    # "\nFrame from MM:SS:" and the frame's image, clips sampled about one frame a second). With
+    # images_in_template the template writes video_token for each video part, and that is where it goes.
+    video_prompt: str = "frames"
+    video_token: str = "<video>"
     # Where the decoder weights come from when this checkpoint does not store them (e.g. "smollm2").
     base_decoder: str | None = None
     # The whole model this checkpoint fine-tunes (anything tinyomni.load takes: an imported InternVL
@@ -351,6 +396,8 @@ class OmniConfig:
             return self.vision_projector.resampler_n_latents
         if self.vision_projector.kind == "qformer":  # a fixed number of learned queries, whatever the tile
             return self.vision_projector.qformer.num_query_tokens
+        if self.vision_projector.kind == "aria":  # Aria's learned queries
+            return self.vision_projector.aria_num_queries
         r = self.vision_projector.downsample_ratio
         return round(self.vision.num_feature_tokens * r * r)  # round: r = 1/3 is not exact in binary
 
@@ -374,10 +421,24 @@ class OmniConfig:
         _require(self.image_longest_edge is None or self.image_longest_edge > 0, "image_longest_edge must be positive")
         _require(self.image_prompt in IMAGE_PROMPTS,
                  f"image_prompt must be one of {', '.join(IMAGE_PROMPTS)}, got {self.image_prompt!r}")
+        _require(self.video_prompt in VIDEO_PROMPTS,
+                 f"video_prompt must be one of {', '.join(VIDEO_PROMPTS)}, got {self.video_prompt!r}")
         _require(self.image_resize != "native" or (self.vision_projector.kind == "resampler"
                                                    and self.vision_projector.downsample_ratio == 1),
                  "image_resize 'native' (images of any size) needs projector.kind 'resampler' and "
                  "downsample_ratio 1: a fixed number of tokens per tile, whatever its size")
+        if self.image_resize == "anyres":
+            self._validate_anyres()
+        _require((self.image_resize == "aria") == (self.vision_projector.kind == "aria")
+                 or self.vision is None,
+                 "image_resize 'aria' (one tile per image, padded bottom-right) and projector.kind 'aria' "
+                 "(which masks that padding) go together")
+        if self.vision_projector.kind == "aria" and self.vision is not None:
+            p = self.vision_projector
+            _require(p.downsample_ratio == 1 and 0 < p.aria_num_queries <= (p.aria_query_rows or p.aria_num_queries),
+                     "projector.kind 'aria' reads every feature token (downsample_ratio 1) with aria_num_queries "
+                     "> 0 of its aria_query_rows queries")
+            _require(not self.vision.use_cls_token, "projector.kind 'aria' needs a vision tower without a CLS token")
         if self.audio is not None:
             self.audio.validate()
             _require(self.audio_projector.kind in ("mlp", "linear"),
@@ -385,6 +446,22 @@ class OmniConfig:
         _require(not self.vision_projector.linear_bias,
                  "vision_projector.linear_bias is not supported (the vision linear projector has no bias)")
         _require(1 <= self.min_tiles <= self.max_tiles, "min_tiles must be >= 1 and <= max_tiles")
+
+    def _validate_anyres(self) -> None:
+        """image_resize "anyres" (LLaVA-NeXT): a grid of tiles, packed by model/anyres.py."""
+        _require(self.vision is not None and self.vision_projector.kind == "mlp"
+                 and self.vision_projector.downsample_ratio == 1,
+                 "image_resize 'anyres' needs a vision tower and the mlp projector without pixel shuffle")
+        _require(self.vision.num_feature_tokens == self.vision.num_patches,
+                 "image_resize 'anyres' lays each tile's features out on its patch grid: vision.feature_select "
+                 f"{self.vision.feature_select!r} keeps {self.vision.num_feature_tokens} tokens of "
+                 f"{self.vision.num_patches} patches")
+        tile = self.vision.image_size
+        _require(bool(self.image_grid_pinpoints) and all(
+            isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(v, int) and v > 0 and v % tile == 0
+                                                               for v in p) for p in self.image_grid_pinpoints),
+                 f"image_grid_pinpoints must be (height, width) pairs, multiples of the {tile}-px tile, got "
+                 f"{self.image_grid_pinpoints}")
 
     # --- JSON round trip -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -428,9 +505,11 @@ class OmniConfig:
 
 
 FEATURE_SELECT = ("patches", "full", "drop_first")
-IMAGE_RESIZE = ("tiles", "shortest_edge", "longest_edge", "native")
+LONGROPE_KEYS = ("short_factor", "long_factor", "original_max_position_embeddings", "attention_factor")
+IMAGE_RESIZE = ("tiles", "shortest_edge", "longest_edge", "native", "anyres", "aria")
 IMAGE_PROMPTS = ("run", "grid", "tile_runs", "prefix")
-PROJECTOR_KINDS = ("mlp", "linear", "resampler", "qformer")
+VIDEO_PROMPTS = ("frames", "timestamps")
+PROJECTOR_KINDS = ("mlp", "linear", "resampler", "qformer", "aria")
 ACTIVATIONS = {"gelu", "gelu_pytorch_tanh", "gelu_new", "quick_gelu", "silu", "relu"}
 
 

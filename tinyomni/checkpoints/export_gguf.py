@@ -43,6 +43,9 @@ def export_gguf(model: Model, path: str | Path, outtype: str = "f16") -> Path:
     config = model.config.decoder
     if config.kind != "llama":
         raise InputError(f"a decoder of kind {config.kind!r} cannot be exported to GGUF yet (Llama / Qwen2 can)")
+    if config.visual_expert:
+        raise InputError("a decoder with decoder.visual_expert cannot be exported to GGUF: llama.cpp's Llama / "
+                         "Qwen2 layers have no visual-expert weights")
     if config.rope_scaling is not None and config.rope_scaling.get("rope_type", "default") not in ("default", "linear"):
         raise InputError(f"rope_scaling {config.rope_scaling} cannot be exported to GGUF yet (linear can)")
     arch = "qwen2" if config.attention_bias else "llama"

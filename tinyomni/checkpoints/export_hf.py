@@ -109,6 +109,8 @@ def decoder_problems(decoder: DecoderConfig) -> list[str]:
     problems = []
     if decoder.kind != "llama":
         problems.append(f"decoder.kind {decoder.kind!r} (Llama / Qwen2 layers only)")
+    if decoder.visual_expert:
+        problems.append("decoder.visual_expert (CogVLM-style expert weights have no place in a Llama / Qwen2 layer)")
     scaling = decoder.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in ("default", "linear", "llama3"):

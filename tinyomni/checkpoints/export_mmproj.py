@@ -115,6 +115,9 @@ def mmproj_problems(config: OmniConfig) -> list[str]:
         problems.append(f"vision.hidden_act {vision.hidden_act!r} (clip.cpp has {', '.join(VISION_ACTS)})")
     if vision.position_buckets and kind != "idefics3":
         problems.append("vision.position_buckets (Idefics3's position ids) outside an Idefics3 projector")
+    if config.image_resize == "anyres":  # clip.cpp's LLaVA-NeXT graph needs its grid metadata, not written here
+        problems.append("image_resize 'anyres' (LLaVA-NeXT's grid, unpadding and image_newline are not written "
+                        "to an mmproj file yet)")
     if vision.num_channels != 3:
         problems.append(f"vision.num_channels {vision.num_channels} (clip.cpp reads RGB)")
     shape_6b = (vision.hidden_size, vision.num_hidden_layers) == INTERNVIT_6B

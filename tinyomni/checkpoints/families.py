@@ -74,6 +74,12 @@ def _read_llava(path: Path) -> Imported:
     return llava.read_llava(path)
 
 
+def _read_llava_next(path: Path) -> Imported:
+    from tinyomni.checkpoints import llava_next
+
+    return llava_next.read_llava_next(path)
+
+
 def _read_smolvlm(path: Path) -> Imported:
     from tinyomni.checkpoints import smolvlm
 
@@ -110,6 +116,12 @@ def _read_idefics2(path: Path) -> Imported:
     return idefics2.read_idefics2(path)
 
 
+def _read_aria(path: Path) -> Imported:
+    from tinyomni.checkpoints import aria
+
+    return aria.read_aria(path)
+
+
 def _read_dual_encoder(path: Path) -> Any:
     from tinyomni.checkpoints import clip
 
@@ -125,6 +137,7 @@ DECODER = Family("decoder")
 INTERNVL_HF = Family("internvl", _read_internvl_hf)
 INTERNVL_CHAT = Family("internvl-original", _read_internvl_chat)
 LLAVA = Family("llava", _read_llava)
+LLAVA_NEXT = Family("llava-next", _read_llava_next)
 SMOLVLM = Family("smolvlm", _read_smolvlm)
 IDEFICS3 = Family("idefics3", _read_idefics3)
 QWEN2_AUDIO = Family("qwen2-audio", _read_qwen2_audio)
@@ -133,6 +146,7 @@ INSTRUCTBLIP = Family("instructblip", _read_instructblip)
 BLIP2 = Family("blip-2", _read_blip2)
 CLIP = Family("clip", _not_a_chat_model, _read_dual_encoder)
 SIGLIP = Family("siglip", _not_a_chat_model, _read_dual_encoder)
+ARIA = Family("aria", _read_aria)
 
 # config.json "architectures" entry → family. Exact names only.
 ARCHITECTURES: dict[str, Family] = {
@@ -140,9 +154,13 @@ ARCHITECTURES: dict[str, Family] = {
     "Qwen2ForCausalLM": DECODER,
     "MistralForCausalLM": DECODER,
     "PhiForCausalLM": DECODER,  # Phi-1.5 / Phi-2 (TinyGPT-V's decoder; checkpoints/hf_phi.py)
+    "Phi3ForCausalLM": DECODER,  # Phi-3-mini (fused qkv / gate_up, LongRoPE; checkpoints/hf_phi3.py)
+    "AriaTextForCausalLM": DECODER,  # Aria's MoE text decoder (checkpoints/aria.py, model/moe.py)
+    "AriaForConditionalGeneration": ARIA,  # Aria (Idefics3 SigLIP + cross-attention projector + MoE decoder)
     "InternVLForConditionalGeneration": INTERNVL_HF,  # the transformers-native "-hf" InternVL2.5 / InternVL3
     "InternVLChatModel": INTERNVL_CHAT,  # OpenGVLab's original layout (trust_remote_code)
     "LlavaForConditionalGeneration": LLAVA,  # LLaVA-1.5 "-hf", TinyLLaVA "-hf" (CLIP/SigLIP + Llama/Qwen2)
+    "LlavaNextForConditionalGeneration": LLAVA_NEXT,  # LLaVA-NeXT / v1.6 "-hf" (CLIP + Mistral/Vicuna/Llama 3)
     "SmolVLMForConditionalGeneration": SMOLVLM,  # SmolVLM / SmolVLM2 (SigLIP + SmolLM2), image input
     "Idefics3ForConditionalGeneration": IDEFICS3,  # Idefics3-8B-Llama3 (SigLIP + Llama 3)
     "Qwen2AudioForConditionalGeneration": QWEN2_AUDIO,  # Qwen2-Audio-7B(-Instruct) (Whisper + Qwen2)
@@ -158,9 +176,13 @@ MODEL_TYPES: dict[str, Family] = {
     "qwen2": DECODER,
     "mistral": DECODER,
     "phi": DECODER,
+    "phi3": DECODER,
+    "aria_text": DECODER,
+    "aria": ARIA,
     "internvl": INTERNVL_HF,
     "internvl_chat": INTERNVL_CHAT,
     "llava": LLAVA,
+    "llava_next": LLAVA_NEXT,
     "smolvlm": SMOLVLM,
     "idefics3": IDEFICS3,
     "qwen2_audio": QWEN2_AUDIO,

@@ -1,7 +1,8 @@
-"""Import a Llama or Qwen2 decoder from a Hugging Face directory (config.json + safetensors + tokenizer).
+"""Import a text decoder from a Hugging Face directory (config.json + safetensors + tokenizer): Llama,
+Qwen2 and Mistral here; Phi-2, Phi-3 and Aria's MoE through their own files (hf_phi, hf_phi3, aria).
 
-Our decoder uses transformers' parameter names, so the weights load as they are; only the config
-needs translating, and checked.
+Our decoder uses transformers' parameter names, so Llama-family weights load as they are; only the
+config needs translating, and checked. Phi-3's fused projections and Aria's stacked experts are split.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from tinyomni.checkpoints.aria import aria_decoder_config, aria_decoder_state
 from tinyomni.checkpoints.hf_phi import phi_decoder_config
+from tinyomni.checkpoints.hf_phi3 import phi3_decoder_config, split_phi3
 from tinyomni.config import DecoderConfig
 from tinyomni.errors import CheckpointError
 
@@ -24,6 +27,10 @@ def decoder_config_from_hf(hf: dict) -> DecoderConfig:
     model_type = hf.get("model_type")
     if model_type == "phi":  # same weight names as ours, its own config (checkpoints/hf_phi.py)
         return phi_decoder_config(hf)
+    if model_type == "phi3":  # Llama with fused qkv / gate_up, LongRoPE (checkpoints/hf_phi3.py)
+        return phi3_decoder_config(hf)
+    if model_type == "aria_text":  # the MoE decoder; its experts are split in load_hf_decoder (checkpoints/aria.py)
+        return aria_decoder_config(hf)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(f"model_type {model_type!r} is not a supported decoder ({SUPPORTED_MODEL_TYPES})")
     heads = hf["num_attention_heads"]
@@ -89,6 +96,10 @@ def load_hf_decoder(path: str | Path) -> tuple[DecoderConfig, dict[str, torch.Te
         if any(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             break
+    if config.kind == "moe":  # Aria's stacked experts → one module per expert
+        state = aria_decoder_state(state, config)
+    if hf.get("model_type") == "phi3":
+        split_phi3(state, config, str(path))
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     return config, {k: v.float() for k, v in state.items()}

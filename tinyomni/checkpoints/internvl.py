@@ -8,8 +8,10 @@ Two layouts of the same model:
   writes `vision_tower.` / `language_model.model.` / `language_model.lm_head.`, checkpoints converted
   in memory name them `model.vision_tower.` / `model.language_model.` / `lm_head.`; both are read.
 - OpenGVLab's original one (`InternVLChatModel`, trust_remote_code): `vision_model.*` with a fused
-  `attn.qkv`, `mlp1.{0,1,3}` for the projector, `language_model.*` (here: Qwen2 or Llama decoders;
-  InternLM2 ones are refused by name).
+  `attn.qkv`, `mlp1.{0,1,3}` for the projector, `language_model.*`: a Qwen2 or Llama decoder (our names),
+  InternLM2 (InternVL2-2B, Mini-InternVL-Chat-2B-V1-5: checkpoints/hf_internlm2.py, fused `wqkv`, head
+  `language_model.output`) or Phi-3 (InternVL2-4B, Mini-InternVL-Chat-4B-V1-5: checkpoints/hf_phi3.py,
+  fused `qkv_proj` / `gate_up_proj`, LongRoPE), chosen by `llm_config.architectures` (CHAT_DECODERS).
 
 What is read, from the checkpoint's own files only:
 - config.json → OmniConfig: the tower (`vision_config`), `downsample_ratio`, `vision_feature_layer`
@@ -32,14 +34,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tinyomni.checkpoints import hf_vision, native
+from tinyomni.checkpoints import hf_internlm2, hf_phi3, hf_vision, native
 from tinyomni.checkpoints.families import Imported, read_hf_config
-from tinyomni.checkpoints.hf_llama import decoder_config_from_hf
 from tinyomni.checkpoints.weights import Weights
 from tinyomni.config import ACTIVATIONS, DecoderConfig, OmniConfig, ProjectorConfig, VisionConfig
 from tinyomni.errors import CheckpointError, ConfigError
@@ -67,6 +69,19 @@ HF_LAYOUTS = {
 CHAT_LAYOUT = {"vision": "vision_model.", "projector": "mlp1.", "decoder": "language_model.model.",
                "head": "language_model.lm_head."}
 
+
+@dataclass(frozen=True)
+class ChatDecoder:
+    """How the original layout's language model of one architecture is read: its config reader, its body's
+    name table (plain, per layer), where its head is, the fused tensors to split, and our names → theirs."""
+
+    config: Callable[[dict[str, Any], str], DecoderConfig]
+    names: tuple[dict[str, str], dict[str, str]]
+    head_prefix: str = "language_model.lm_head."
+    split: Callable[[dict[str, torch.Tensor], DecoderConfig, str], None] | None = None
+    their_name: Callable[[str], str | None] = lambda rel: rel
+
+
 # Inside the projector: theirs → ours (the -hf names are ours; the original is an nn.Sequential).
 HF_PROJECTOR_NAMES = {name: name for name in (
     "layer_norm.weight", "layer_norm.bias", "linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias")}
@@ -83,6 +98,19 @@ DECODER_LAYER_NAMES = {f"layers.{{i}}.{name}": f"layers.{{i}}.{name}" for name i
     "self_attn.v_proj.weight", "self_attn.v_proj.bias", "self_attn.o_proj.weight",
     "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")}
 HEAD_NAMES = {"weight": "weight"}
+# The original layout's language models, by llm_config.architectures (Qwen2 / Llama names are ours;
+# their config reader, _decoder_config, is defined further down, hence the lambdas).
+CHAT_DECODERS = {
+    "Qwen2ForCausalLM": ChatDecoder(lambda llm, where: _decoder_config(llm, where), (DECODER_NAMES,
+                                                                                     DECODER_LAYER_NAMES)),
+    "LlamaForCausalLM": ChatDecoder(lambda llm, where: _decoder_config(llm, where), (DECODER_NAMES,
+                                                                                     DECODER_LAYER_NAMES)),
+    "InternLM2ForCausalLM": ChatDecoder(hf_internlm2.internlm2_decoder_config,
+                                        (hf_internlm2.NAMES, hf_internlm2.LAYER_NAMES), "language_model.output.",
+                                        hf_internlm2.split_wqkv, hf_internlm2.their_name),
+    "Phi3ForCausalLM": ChatDecoder(hf_phi3.phi3_decoder_config, (hf_phi3.NAMES, hf_phi3.LAYER_NAMES),
+                                   split=hf_phi3.split_phi3, their_name=hf_phi3.fused_name),
+}
 # Buffers some exports carry that hold nothing to load (RoPE tables are recomputed).
 DROPPED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
@@ -179,7 +207,9 @@ def _split_qkv(state: dict[str, torch.Tensor]) -> None:
 
 
 def _convert(weights: Weights, layout: dict[str, str], vision_names: Callable[[str], str | None],
-             projector_names: dict[str, str], where: str) -> dict[str, torch.Tensor]:
+             projector_names: dict[str, str], where: str,
+             decoder_names: tuple[dict[str, str], dict[str, str]] = (DECODER_NAMES, DECODER_LAYER_NAMES),
+             ) -> dict[str, torch.Tensor]:
     """Every checkpoint tensor under our name; unknown ones are a CheckpointError listing them."""
     state: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
@@ -200,7 +230,7 @@ def _convert(weights: Weights, layout: dict[str, str], vision_names: Callable[[s
         elif part == "projector":
             ours = projector_names.get(name)
         elif part == "decoder":
-            ours = _lookup(name, DECODER_NAMES, DECODER_LAYER_NAMES)
+            ours = _lookup(name, *decoder_names)
         else:
             ours = HEAD_NAMES.get(name)
         if ours is None:
@@ -248,7 +278,8 @@ def _check_complete(config: OmniConfig, state: dict[str, torch.Tensor], their_na
 
 
 def _their_namer(layout: dict[str, str], vision_inverse: Callable[[str], str | None],
-                 projector_names: dict[str, str]) -> Callable[[str], str]:
+                 projector_names: dict[str, str],
+                 decoder_inverse: Callable[[str], str | None] = lambda rel: rel) -> Callable[[str], str]:
     projector_inverse = {ours: theirs for theirs, ours in projector_names.items()}
 
     def name(ours: str) -> str:
@@ -259,6 +290,8 @@ def _their_namer(layout: dict[str, str], vision_inverse: Callable[[str], str | N
                     theirs = vision_inverse(rel)
                 elif part == "projector":
                     theirs = projector_inverse.get(rel)
+                elif part == "decoder":
+                    theirs = decoder_inverse(rel)
                 else:
                     theirs = rel
                 return layout[part] + (theirs or rel)
@@ -321,6 +354,9 @@ def decoder_config(text: dict[str, Any], where: str) -> DecoderConfig:
         problems.append("use_sliding_window true")
     if problems:
         raise CheckpointError(f"{where}: unsupported text_config value(s): {'; '.join(problems)}")
+    # Imported here: hf_llama imports checkpoints/aria.py, which imports this module.
+    from tinyomni.checkpoints.hf_llama import decoder_config_from_hf
+
     try:
         config = decoder_config_from_hf(text)
         config.validate()
@@ -497,7 +533,8 @@ def read_internvl_hf(path: str | Path) -> Imported:
 
 
 def read_internvl_chat(path: str | Path) -> Imported:
-    """Read OpenGVLab's original InternVL directory (`InternVLChatModel`, Qwen2 or Llama decoder)."""
+    """Read OpenGVLab's original InternVL directory (`InternVLChatModel`; a Qwen2, Llama, InternLM2 or
+    Phi-3 decoder, CHAT_DECODERS)."""
     path = Path(path)
     where = str(path)
     hf = read_hf_config(path)
@@ -519,10 +556,11 @@ def read_internvl_chat(path: str | Path) -> Imported:
         raise CheckpointError(f"{where}: {e}") from None
     llm = dict(hf.get("llm_config") or {})
     arch = (llm.get("architectures") or [None])[0]
-    if arch not in ("Qwen2ForCausalLM", "LlamaForCausalLM"):
+    if arch not in CHAT_DECODERS:
         raise CheckpointError(f"{where}: InternVL with a {arch!r} language model is not supported "
-                              "(supported: Qwen2ForCausalLM, LlamaForCausalLM)")
-    decoder = _decoder_config(llm, where)
+                              f"(supported: {', '.join(CHAT_DECODERS)})")
+    reader = CHAT_DECODERS[arch]
+    decoder = reader.config(llm, where)
     config = _omni_config(path, vision, decoder, hf.get("downsample_ratio", 0.5), hf.get("select_layer", -1),
                           "gelu", where)  # mlp1's activation is nn.GELU()
     if "max_dynamic_patch" in hf or "min_dynamic_patch" in hf:
@@ -535,8 +573,11 @@ def read_internvl_chat(path: str | Path) -> Imported:
     config.number_images = True  # the original model card's multi-image prompts: "Image-1: <image>\n..."
 
     weights = Weights(path)
-    state = _convert(weights, CHAT_LAYOUT, _chat_vision_name, CHAT_PROJECTOR_NAMES, where)
+    layout = {**CHAT_LAYOUT, "head": reader.head_prefix}
+    state = _convert(weights, layout, _chat_vision_name, CHAT_PROJECTOR_NAMES, where, reader.names)
     _split_qkv(state)
+    if reader.split is not None:  # the decoder's fused projections → ours
+        reader.split(state, decoder, where)
     for name in ("embeddings.class_embedding", "embeddings.position_embedding.weight"):
         key = OUR_PREFIX["vision"] + name
         if key in state:
@@ -547,6 +588,7 @@ def read_internvl_chat(path: str | Path) -> Imported:
         fused = re.sub(r"self_attn\.[qkv]_proj\.", "self_attn.qkv.", rel)
         return _inverse(fused, CHAT_VISION_NAMES, CHAT_VISION_LAYER_NAMES)
 
-    _check_complete(config, state, _their_namer(CHAT_LAYOUT, vision_inverse, CHAT_PROJECTOR_NAMES), where)
+    _check_complete(config, state, _their_namer(layout, vision_inverse, CHAT_PROJECTOR_NAMES,
+                                                reader.their_name), where)
     tokenizer, template = _finish(path, config, hf.get("img_context_token_id"), None, where)
     return Imported(config, state, tokenizer, template)

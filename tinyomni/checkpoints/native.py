@@ -108,8 +108,8 @@ def read_weights(path: Path, name: str = WEIGHTS_FILE) -> dict[str, torch.Tensor
 
 def split_decoder(state: dict[str, torch.Tensor], base_vocab: int) -> dict[str, torch.Tensor]:
     """What to store when the decoder comes from a base: everything but `language_model.*`, plus the
-    embedding rows of tokens the base does not have."""
-    out = {k: v for k, v in state.items() if not k.startswith("language_model.")}
+    embedding rows of tokens the base does not have (and a visual expert's weights: no base has them)."""
+    out = {k: v for k, v in state.items() if not k.startswith("language_model.") or ".visual_expert." in k}
     embed = state["language_model.model.embed_tokens.weight"]
     if embed.shape[0] > base_vocab:
         out[ADDED_ROWS] = embed[base_vocab:]

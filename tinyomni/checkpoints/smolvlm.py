@@ -151,6 +151,14 @@ def _token_names(path: Path, reads_tokenizer: bool) -> dict[str, str]:
     return names
 
 
+def _video_max_frames(path: Path) -> int:
+    """The most frames SmolVLMProcessor samples from a clip: video_sampling's max_frames in the video
+    processor's file (64, the hub's SmolVLM value, when there is none)."""
+    sampling = _json(path / "video_preprocessor_config.json").get("video_sampling")
+    frames = sampling.get("max_frames") if isinstance(sampling, dict) else None
+    return int(frames) if isinstance(frames, int) and frames > 0 else 64
+
+
 # --- weights ---------------------------------------------------------------------------------------------
 def _tower_name(name: str) -> str | None:
     return hf_vision.tower_name(name, "siglip")
@@ -198,6 +206,8 @@ def read_smolvlm(path: str | Path, reads_tokenizer_names: bool = True) -> Import
         image_context_token=names["image_token"], image_global_token=names["global_image_token"],
         min_tiles=1, max_tiles=1, use_thumbnail=False, number_images=False, image_wrap=False,
         images_in_template=True, image_prompt="grid", **_processing_fields(image_settings, vision, where))
+    if reads_tokenizer_names:  # SmolVLMProcessor takes videos (Idefics3Processor does not)
+        config.video_prompt, config.video_frames = "timestamps", _video_max_frames(path)
     try:
         config.validate()
     except ConfigError as e:

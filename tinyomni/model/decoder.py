@@ -32,12 +32,19 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_inverse_frequencies(config: DecoderConfig) -> Tensor:
-    """RoPE frequencies, with the "linear" or "llama3" context-extension scaling applied."""
+def rope_inverse_frequencies(config: DecoderConfig, longrope_factors: str = "short_factor") -> Tensor:
+    """RoPE frequencies, with the "linear", "llama3" or "longrope" context-extension scaling applied.
+
+    "dynamic" (InternLM2's dynamic NTK) changes the frequencies only once a sequence is longer than
+    max_position_embeddings, which tinyomni never runs (generation stops at that context), so it is the
+    plain table here. "longrope" (Phi-3): each frequency divided by its own factor, the short ones unless
+    `longrope_factors` says "long_factor" (RotaryEmbedding keeps both tables)."""
     dim = config.attn_head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     scaling = config.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "longrope":
+        inv_freq = inv_freq / torch.tensor(scaling[longrope_factors], dtype=torch.float64)
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif kind == "llama3":
@@ -63,9 +70,35 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
+        scaling = config.rope_scaling or {}
+        self.long_from: int | None = None
+        if scaling.get("rope_type") == "longrope":
+            self._longrope_tables(config, positions, scaling)
+
+    def _longrope_tables(self, config: DecoderConfig, positions: Tensor, scaling: dict) -> None:
+        """LongRoPE (Phi-3-128k): a row whose sequence is longer than original_max_position_embeddings
+        (its largest position in this forward at least that) uses the long factors at every position of
+        the forward, a shorter one the short factors, as transformers' Phi-3 and the original code choose;
+        keys already cached keep the table they were written with. Both tables are scaled by
+        attention_factor; the short one is only ever read below original_max_position_embeddings."""
+        self.long_from = int(scaling["original_max_position_embeddings"])
+        factor = float(scaling["attention_factor"])
+        short = self.cos[:self.long_from] * factor, self.sin[:self.long_from] * factor
+        self.cos, self.sin = short[0].contiguous(), short[1].contiguous()
+        freqs = torch.outer(positions, rope_inverse_frequencies(config, "long_factor"))
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos_long", emb.cos() * factor, persistent=False)
+        self.register_buffer("sin_long", emb.sin() * factor, persistent=False)
 
     def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         # [B, T] -> [B, 1, T, head_dim], broadcast over heads
+        if self.long_from is not None:
+            # Per row, without a device sync: rows past the switch read the long table.
+            long = (position_ids.amax(dim=-1) >= self.long_from)[:, None, None, None]
+            short_ids = position_ids.clamp(max=self.long_from - 1)
+            cos = torch.where(long, self.cos_long[position_ids].unsqueeze(1), self.cos[short_ids].unsqueeze(1))
+            sin = torch.where(long, self.sin_long[position_ids].unsqueeze(1), self.sin[short_ids].unsqueeze(1))
+            return cos.to(dtype), sin.to(dtype)
         return self.cos[position_ids].unsqueeze(1).to(dtype), self.sin[position_ids].unsqueeze(1).to(dtype)
 
 
@@ -148,10 +181,16 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: CacheState | None) -> Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return self.o_proj(self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, mask, cache))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+               cache: CacheState | None) -> Tensor:
+        """Projected queries, keys and values [B, T, heads * head_dim] → the heads' outputs [B, T, heads *
+        head_dim], before o_proj: RoPE, the cache, attention. (The visual expert projects its own.)"""
+        B, T, _ = q.shape
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.kv.update(self.layer_idx, cache, k, v)
@@ -162,7 +201,7 @@ class Attention(nn.Module):
             is_causal = mask is None and T == k.shape[2]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return y.transpose(1, 2).reshape(B, T, -1)
 
 
 def single_query_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
@@ -263,16 +302,17 @@ class Decoder(nn.Module):
         return self.model.embed_tokens(input_ids)
 
     def hidden_states(self, x: Tensor, position_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                      cache: CacheState | None = None) -> Tensor:
+                      cache: CacheState | None = None, **layer_inputs: Tensor) -> Tensor:
         """Input embeddings [B, T, D] → final-norm hidden states [B, T, D] (the LM head not applied), for
-        callers that need logits at a few positions only (training computes them where labels are)."""
+        callers that need logits at a few positions only (training computes them where labels are).
+        `layer_inputs` go to every layer (a decoder kind's own, e.g. the visual expert's image_mask)."""
         B, T, _ = x.shape
         if position_ids is None:
             base = cache.positions if cache is not None else torch.arange(T, device=x.device)
             # Per-row slots ([B, T]) are already per-row positions.
             position_ids = base if base.dim() == 2 else base.unsqueeze(0).expand(B, T)
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
-        if self.decode_step is not None and T == 1 and cache is not None:
+        if self.decode_step is not None and T == 1 and cache is not None and not layer_inputs:
             y = self.decode_step(x, cos, sin, attention_mask, cache)
             if y is not None:
                 return self.model.norm(y)
@@ -280,7 +320,7 @@ class Decoder(nn.Module):
         if attention_mask is not None:
             mask = build_attention_mask(attention_mask.bool(), T, cache)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache)
+            x = layer(x, cos, sin, mask, cache, **layer_inputs)
         return self.model.norm(x)
 
     def forward(
@@ -292,8 +332,9 @@ class Decoder(nn.Module):
         cache: CacheState | None = None,
         labels: Tensor | None = None,
         logits_to_keep: int = 0,
+        **layer_inputs: Tensor,
     ) -> tuple[Tensor, Tensor | None]:
-        """Returns (logits, loss).
+        """Returns (logits, loss). `layer_inputs`: see `hidden_states`.
 
         attention_mask: [B, T] (no cache) or [B, kv_len] (with cache), True/1 where a real token is;
             None when no row is padded. position_ids: RoPE positions [B, T]; default 0..T-1 (or the
@@ -301,7 +342,7 @@ class Decoder(nn.Module):
             a long prefill does not build a [T, vocab] matrix it throws away.
         """
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        x = self.hidden_states(x, position_ids, attention_mask, cache)
+        x = self.hidden_states(x, position_ids, attention_mask, cache, **layer_inputs)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = self.lm_head(x)

@@ -13,8 +13,10 @@ from torch import Tensor, nn
 
 from tinyomni.config import OmniConfig
 from tinyomni.errors import InputError
+from tinyomni.model.aria_projector import AriaProjector, aria_padding
 from tinyomni.model.audio import AudioEncoder
 from tinyomni.model.decoder import CacheState, Decoder
+from tinyomni.model.moe import MoEDecoder
 from tinyomni.model.opt import OPTDecoder
 from tinyomni.model.phi import PhiDecoder
 from tinyomni.model.projector import LinearProjector, MultiModalProjector, pixel_shuffle
@@ -28,7 +30,11 @@ class OmniModel(nn.Module):
         super().__init__()
         self.config = config
         dec = config.decoder
-        self.language_model = {"opt": OPTDecoder, "phi": PhiDecoder}.get(dec.kind, Decoder)(dec)
+        self.language_model = {"opt": OPTDecoder, "phi": PhiDecoder, "moe": MoEDecoder}.get(dec.kind, Decoder)(dec)
+        if dec.visual_expert:  # CogVLM's deep fusion: image tokens get their own weights in every layer
+            from tinyomni.model.visual_expert import VisualExpertDecoder
+
+            self.language_model = VisualExpertDecoder(dec)
         self.vision_tower: VisionEncoder | None = None
         self.multi_modal_projector: MultiModalProjector | LinearProjector | ResamplerConnector | None = None
         self.audio_tower: AudioEncoder | None = None
@@ -43,8 +49,19 @@ class OmniModel(nn.Module):
                                                               dec.hidden_size)
             elif config.vision_projector.kind == "resampler":
                 self.multi_modal_projector = ResamplerConnector(in_features, dec.hidden_size, config.vision_projector)
+            elif config.vision_projector.kind == "aria":
+                p = config.vision_projector
+                self.multi_modal_projector = AriaProjector(in_features, config.vision.num_attention_heads,
+                                                           dec.hidden_size, p.aria_num_queries, p.aria_query_rows,
+                                                           p.hidden_size)
             elif config.vision_projector.kind == "linear":
                 self.multi_modal_projector = LinearProjector(in_features, dec.hidden_size)
+            elif config.image_resize == "anyres":  # LLaVA-NeXT: the MLP, plus image_newline and its packing
+                from tinyomni.model.anyres import AnyresProjector
+
+                self.multi_modal_projector = AnyresProjector(
+                    in_features, dec.hidden_size, config.vision_projector.hidden_size,
+                    hidden_act=config.vision_projector.hidden_act, layer_norm=config.vision_projector.layer_norm)
             else:
                 self.multi_modal_projector = MultiModalProjector(
                     in_features, dec.hidden_size, config.vision_projector.hidden_size,
@@ -69,7 +86,18 @@ class OmniModel(nn.Module):
         if self.vision_tower is None:
             raise InputError("this model has no vision encoder")
         weight = self.vision_tower.embeddings.patch_embedding.weight
+        layouts = None
+        if self.config.image_resize == "anyres":  # LLaVA-NeXT: each image's grid rides in a 4th channel
+            from tinyomni.processing.llava_next import read_layouts
+
+            pixel_values, layouts = read_layouts(pixel_values)
         patch_mask = None
+        if self.config.vision_projector.kind == "aria":  # Aria: one tile per image, padded (NaN) bottom-right
+            vision = self.config.vision
+            pixel_values, patch_mask = aria_padding(pixel_values, vision.patch_size, vision.image_mean,
+                                                    vision.image_std)
+            features = self.vision_tower(pixel_values.to(weight.dtype), patch_mask)
+            return self.multi_modal_projector(features, None if patch_mask is None else patch_mask.flatten(1))
         if self.config.vision_projector.kind == "resampler":  # tiles of several sizes, padded (NaN) to one
             pixel_values, patch_mask = split_padding(pixel_values, self.config.vision.patch_size)
         features = self.vision_tower(pixel_values.to(weight.dtype), patch_mask)
@@ -86,6 +114,8 @@ class OmniModel(nn.Module):
             features = features.reshape(n, -1, features.shape[-1])
         if self.config.vision_projector.kind == "qformer":
             return self.multi_modal_projector(features, qformer_input_ids)
+        if layouts is not None:  # each image's grid unpadded, its rows ended by image_newline
+            return self.multi_modal_projector.pack(self.multi_modal_projector(features), layouts)
         return self.multi_modal_projector(features)
 
     def encode_audio(self, features: Tensor) -> Tensor:
@@ -144,7 +174,13 @@ class OmniModel(nn.Module):
         embeds = self.embed(input_ids, pixel_values, audio_features, qformer_input_ids)
         return self.language_model(inputs_embeds=embeds, position_ids=position_ids,
                                    attention_mask=attention_mask, cache=cache, labels=labels,
-                                   logits_to_keep=logits_to_keep)
+                                   logits_to_keep=logits_to_keep, **self.decoder_inputs(input_ids))
+
+    def decoder_inputs(self, input_ids: Tensor) -> dict[str, Tensor]:
+        """What the decoder takes beyond embeddings: a visual-expert decoder, where the image tokens are."""
+        if self.config.decoder.visual_expert:
+            return {"image_mask": input_ids == self.image_token_id}
+        return {}
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part (tied weights counted once)."""

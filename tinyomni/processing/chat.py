@@ -53,6 +53,7 @@ class Prompt:
     input_ids: list[int]
     pixel_values: torch.Tensor | None = None  # [tiles, 3, S, S], every image's and frame's tiles in order
     # (image_resize "native": [tiles, 3, H, W], each tile padded at the bottom and right with NaN)
+    # (image_resize "anyres": [tiles, 4, S, S], each image's grid layout in channel 3; processing/llava_next.py)
     tiles_per_image: list[int] = field(default_factory=list)
     audio_features: list[torch.Tensor] = field(default_factory=list)  # each [n_mels, frames]
     # An instruction-aware Q-Former's input (InstructBLIP): per tile, the prompt's text in its own vocabulary.
@@ -66,6 +67,10 @@ class _Media:
     num_tokens: int
     tiles: int = 0
     grid: tuple[int, int] = (0, 0)  # (rows, columns) of a split image (image_resize "longest_edge"); (0, 0): none
+    # A video frame inside a "video" item (not an image part of its own), and a "video" item's text and
+    # frames in order (video_prompt "timestamps" with images_in_template: the template places the video).
+    in_video: bool = False
+    pieces: list[str | int] = field(default_factory=list)
 
 
 @dataclass
@@ -204,7 +209,12 @@ class ChatProcessor:
                     if not self.config.images_in_template:  # else the template writes its own (LLaVA: "<image>\n")
                         content.append("\n")
                 elif kind == "video":
-                    content += self._add_video(part, media)
+                    pieces = self._add_video(part, media)
+                    if self.config.images_in_template and self.config.video_prompt == "timestamps":
+                        media.append(_Media("video", torch.empty(0), 0, pieces=pieces))  # the template places it
+                        content.append(len(media) - 1)
+                    else:
+                        content += pieces
                 else:
                     content.append(self._add_audio(part, media))
                     if not self.config.audio_in_template:  # otherwise the template writes its own
@@ -227,6 +237,8 @@ class ChatProcessor:
                     kind = None if isinstance(piece, str) else media[piece].kind
                     if kind == "image" and self.config.images_in_template:
                         parts.append({"type": "image"})
+                    elif kind == "video":
+                        parts.append({"type": "video"})
                     elif kind == "audio" and self.config.audio_in_template:
                         # Qwen2-Audio's template asks `'audio' in content`: the part needs the key.
                         parts.append({"type": "audio", "audio": True})
@@ -259,6 +271,22 @@ class ChatProcessor:
                 mean=vision.image_mean, std=vision.image_std)
             media.append(_Media("image", tiles, tiles.shape[0] * self.config.image_tokens_per_tile, tiles.shape[0]))
             return len(media) - 1
+        if self.config.image_resize == "anyres":  # LLaVA-NeXT: a grid at the best resolution + the whole image
+            from tinyomni.processing.llava_next import preprocess_anyres_image
+
+            tiles, tokens = preprocess_anyres_image(
+                source, vision.image_size, vision.grid_size, self.config.image_grid_pinpoints,
+                self.config.image_tokens_per_tile, self.config.image_shortest_edge, mean=vision.image_mean,
+                std=vision.image_std)
+            media.append(_Media("image", tiles, tokens, tiles.shape[0]))
+            return len(media) - 1
+        if self.config.image_resize == "aria":  # Aria: the longer side to the tile, padded bottom-right
+            from tinyomni.processing.aria import preprocess_aria_image
+
+            tiles = preprocess_aria_image(source, vision.image_size, self.config.image_shortest_edge or 1,
+                                          mean=vision.image_mean, std=vision.image_std)
+            media.append(_Media("image", tiles, self.config.image_tokens_per_tile, 1))
+            return len(media) - 1
         if self.config.image_resize == "longest_edge":  # Idefics3 / SmolVLM: split into a grid + global image
             from tinyomni.processing.smolvlm import preprocess_split_image
 
@@ -278,17 +306,40 @@ class ChatProcessor:
         return len(media) - 1
 
     def _add_video(self, part: dict, media: list[_Media]) -> Content:
-        from tinyomni.processing.video import preprocess_video, video_prompt_prefixes
+        """Each sampled frame becomes a one-tile image item; returns the video's text and frames in order
+        (config.video_prompt: InternVL's "FrameN: " labels or SmolVLM's timestamps)."""
+        from tinyomni.processing.video import (
+            frame_tiles,
+            load_video,
+            smolvlm_frame_indices,
+            timestamps_prompt,
+            video_prompt_prefixes,
+        )
 
         self._require_vision()
-        vision = self.config.vision
-        frames = preprocess_video(part["video"], num_frames=part.get("num_frames") or self.config.video_frames,
-                                  image_size=vision.image_size, mean=vision.image_mean, std=vision.image_std)
-        content: Content = []
-        for prefix, frame in zip(video_prompt_prefixes(frames.shape[0]), frames):
-            media.append(_Media("image", frame[None], self.config.image_tokens_per_tile, 1))
-            content += [prefix, len(media) - 1, "\n"]
-        return content
+        if self.config.image_resize == "anyres":  # LLaVA-NeXT-Video is a model of its own
+            raise InputError("this model (LLaVA-NeXT, image_resize 'anyres') takes images, not video; "
+                             "pass the frames as image parts")
+        c, vision = self.config, self.config.vision
+        num_frames = part.get("num_frames") or c.video_frames
+        stamped = c.video_prompt == "timestamps"
+
+        def pick(total: int, fps: float | None) -> list[int]:
+            return smolvlm_frame_indices(total, fps, num_frames)
+
+        clip = load_video(part["video"], num_frames, pick=pick if stamped else None)
+        longest = (c.image_longest_edge or vision.image_size) if c.image_resize == "longest_edge" else None
+        frames = frame_tiles(clip.frames, vision.image_size, vision.image_mean, vision.image_std, longest)
+        indices = []
+        for frame in frames:
+            media.append(_Media("image", frame[None], c.image_tokens_per_tile, 1,
+                                in_video=stamped and c.images_in_template))
+            indices.append(len(media) - 1)
+        if stamped:
+            texts = timestamps_prompt(clip, part.get("fps"))
+            return [piece for text, k in zip(texts, indices) for piece in (text, k)] + [texts[-1]]
+        return [piece for prefix, k in zip(video_prompt_prefixes(len(indices)), indices)
+                for piece in (prefix, k, "\n")]
 
     def _add_audio(self, part: dict, media: list[_Media]) -> int:
         from tinyomni.model.audio import audio_output_length
@@ -353,7 +404,7 @@ class ChatProcessor:
         (with audio_in_template the same for audio). (Only the template's own text is in `rendered`;
         typed text is behind content markers.)"""
         for kind, token in self._kinds_in_template():
-            items = iter([k for k, m in enumerate(flat.media) if m.kind == kind])
+            items = iter([k for k, m in enumerate(flat.media) if m.kind == kind and not m.in_video])
 
             def place(match: re.Match[str], items=items) -> str:
                 k = next(items, None)  # more tokens than items: left as they are, for _check_rendered
@@ -365,7 +416,9 @@ class ChatProcessor:
     def _kinds_in_template(self) -> list[tuple[str, str]]:
         """(media kind, its context token) for each kind whose placeholder the template writes."""
         c = self.config
+        videos = c.images_in_template and c.video_prompt == "timestamps"
         return ([("image", c.image_context_token)] if c.images_in_template else []) + (
+            [("video", c.video_token)] if videos else []) + (
             [("audio", c.audio_context_token)] if c.audio_in_template else [])
 
     def _check_rendered(self, rendered: str, flat: _Flat) -> None:
@@ -377,7 +430,7 @@ class ChatProcessor:
             placed = sum(1 for m in flat.marker.finditer(rendered)
                          if m.group(1) == "image" and flat.media[int(m.group(2))].kind == kind)
             written = placed + rendered.count(token)
-            items = sum(1 for m in flat.media if m.kind == kind)
+            items = sum(1 for m in flat.media if m.kind == kind and not m.in_video)
             if written != items:
                 raise InputError(f"the chat template writes {written} {kind} token(s) ({token}) for "
                                  f"{items} {kind} item(s)")
@@ -399,9 +452,9 @@ class ChatProcessor:
             run.append((rendered[pos:match.start()], False))
             number = int(match.group(2))
             pieces = flat.contents[number] if match.group(1) == "content" else [number]
-            for piece in pieces:
+            for piece, typed in self._expand_videos(pieces, flat.media):
                 if isinstance(piece, str):
-                    run.append((piece, True))
+                    run.append((piece, typed))
                     continue
                 ids += self._encode_run(run, after=ids[-1] if ids else None)
                 run = []
@@ -412,6 +465,18 @@ class ChatProcessor:
             pos = match.end()
         run.append((rendered[pos:], False))
         return ids + self._encode_run(run, after=ids[-1] if ids else None)
+
+    @staticmethod
+    def _expand_videos(pieces: Content, media: list[_Media]) -> list[tuple[str | int, bool]]:
+        """(piece, typed by a user) for each piece, a "video" item replaced by its own text (the
+        processor's, not the user's) and frames."""
+        out: list[tuple[str | int, bool]] = []
+        for piece in pieces:
+            if isinstance(piece, int) and media[piece].kind == "video":
+                out += [(p, False) for p in media[piece].pieces]
+            else:
+                out.append((piece, True))
+        return out
 
     def _placeholder(self, item: _Media) -> list[int]:
         """A media item's run of context tokens, wrapped in its start and end tokens (images: unless

@@ -76,12 +76,20 @@ class Tokenizer:
         """Load `tokenizer.json` (+ `tokenizer_config.json` for the special ids) from a directory."""
         path = Path(path)
         file = path / "tokenizer.json"
-        if not file.is_file():
-            raise CheckpointError(f"tokenizer file missing: {file}")
-        try:
-            backend = HFTokenizer.from_file(str(file))
-        except Exception as e:
-            raise CheckpointError(f"{file} is not a valid tokenizer.json ({e})") from None
+        # No tokenizer.json but a sentencepiece tokenizer.model (InternLM2, older Llama / Phi-3 exports):
+        # converted at load (processing/sentencepiece.py); such tokenizers prepend BOS unless told otherwise.
+        sentencepiece = not file.is_file() and (path / "tokenizer.model").is_file()
+        if sentencepiece:
+            from tinyomni.processing.sentencepiece import tokenizer_for_dir
+
+            backend = tokenizer_for_dir(path, _read_json(path / "tokenizer_config.json"))
+        elif not file.is_file():
+            raise CheckpointError(f"tokenizer file missing: {file} (and no sentencepiece tokenizer.model)")
+        else:
+            try:
+                backend = HFTokenizer.from_file(str(file))
+            except Exception as e:
+                raise CheckpointError(f"{file} is not a valid tokenizer.json ({e})") from None
         meta = _read_json(path / "tokenizer_config.json")
         gen = _read_json(path / "generation_config.json")
 
@@ -101,7 +109,7 @@ class Tokenizer:
                 eos = [token_id(meta.get("eos_token"))]
         bos = meta.get("bos_token_id", token_id(meta.get("bos_token")))
         pad = meta.get("pad_token_id", token_id(meta.get("pad_token")))
-        return cls(backend, eos, bos, pad, bool(meta.get("add_bos_token", False)))
+        return cls(backend, eos, bos, pad, bool(meta.get("add_bos_token", sentencepiece)))
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
