@@ -11,8 +11,9 @@ Where the towers come from:
 - an imported CLIP / SigLIP (checkpoints/clip.py, one line each in checkpoints/families.py);
 - a tinyomni model's contrastive towers (retrieval/towers.py): a directory with `towers.json`, or a
   training checkpoint (`<out>/checkpoints/step-N`) taken in a contrastive stage. The shipped
-  tinyomni-world keeps none (its recipe discards the text towers and trains the ViT further after
-  contrastive pretraining), so it cannot embed.
+  tinyomni-world has a text tower trained against its own frozen vision tower
+  (recipes/tinyomni-world-towers.toml, put in place by retrieval/ship.py), so `retrieval.load("tinyomni-world")`
+  and `tinyomni embed --model tinyomni-world` work; its recipe's own pretraining towers were discarded.
 
 A tinyomni model has one text tower per pair: texts are embedded in the image space ("image", the
 default) or the speech space (`space="audio"`), whichever the media compared with them are in.

@@ -156,6 +156,16 @@ def from_imported(imported: Any, name: str) -> DualEncoder:
     return DualEncoder(name, imported.tokenizer, {"image": space})
 
 
+def _vocabulary_rows(vocabulary: list[int] | None, rows: int) -> Tensor | None:
+    """Token id → row of a compact text embedding (retrieval/towers.py): its vocabulary's tokens in
+    order, every other token (ids beyond the table too) the last row. None: ids are rows."""
+    if vocabulary is None:
+        return None
+    table = torch.full((max(vocabulary) + 2,), rows - 1, dtype=torch.long)
+    table[torch.tensor(vocabulary, dtype=torch.long)] = torch.arange(len(vocabulary))
+    return table
+
+
 def from_towers(towers: Any, name: str) -> DualEncoder:
     """A tinyomni model's contrastive towers (retrieval/towers.py)."""
     spaces = {}
@@ -163,10 +173,13 @@ def from_towers(towers: Any, name: str) -> DualEncoder:
     for pair_name, pair in towers.pairs.items():
         spec = pair.config
 
-        def prepare_text(texts: list[str], spec: Any = spec) -> list[Tensor]:
+        rows = _vocabulary_rows(towers.vocabularies.get(pair_name), spec.vocab_size)
+
+        def prepare_text(texts: list[str], spec: Any = spec, rows: Tensor | None = rows) -> list[Tensor]:
             # As pair_example makes them in training: the tokenizer's pieces, cut at max_length.
-            return list(pad_ids([tokenizer.encode_piece(t)[:spec.text_tower.max_length] or [tokenizer.pad_token_id]
-                                 for t in texts], tokenizer.pad_token_id))
+            ids, mask = pad_ids([tokenizer.encode_piece(t)[:spec.text_tower.max_length] or [tokenizer.pad_token_id]
+                                 for t in texts], tokenizer.pad_token_id)
+            return [ids if rows is None else rows[ids.clamp(0, len(rows) - 1)], mask]
 
         if spec.kind == "vision":
             v = towers.vision

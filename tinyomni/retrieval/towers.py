@@ -7,11 +7,20 @@ text tower, both heads and the temperature (and SigLIP's bias), one pair per tow
 "audio"). Saved in a directory (a model checkpoint's, or its own) beside the tokenizer:
 
     towers.json          {"format": "tinyomni-towers", "version": 1,
-                          "pairs": {"vision": {kind, vocab_size, loss, encoder_width, image_size, text_tower}},
+                          "pairs": {"vision": {kind, vocab_size, loss, encoder_width, image_size, text_tower,
+                                               [encoder: "model"], [vocabulary: [token ids]]}},
                           "vision": VisionConfig, "audio": AudioConfig}
     towers.safetensors   vision.encoder.*, vision.text_tower.*, vision.media_head.*, vision.text_head.*,
-                         vision.logit_scale, vision.logit_bias (and audio.* likewise)
+                         vision.logit_scale, vision.logit_bias (and audio.* likewise), any float dtype
     tokenizer.json       the model's own (the text tower reads its ids)
+
+Two optional keys keep towers small when they ship inside a model (`save_towers(..., share_encoder=True)`,
+`compact_vocabulary`; tinyomni/retrieval/ship.py uses both):
+- `"encoder": "model"`: the pair's encoder is the model's own tower, unchanged (a frozen-encoder, LiT-style
+  stage trained it): its weights are read from the directory's model.safetensors (`vision_tower.*`), not
+  stored twice.
+- `"vocabulary"`: the text tower's embedding holds one row per listed token id (the tokens of its training
+  texts) and a last row for every other token; a 49k-row table is most of a small tower's size.
 
 `from_training_checkpoint` builds them from a run's checkpoint taken during or at the end of a
 contrastive stage (`<out>/checkpoints/step-N`: its `stage_module.*` tensors and the encoder's).
@@ -54,6 +63,9 @@ class Towers:
     vision: VisionConfig | None
     audio: AudioConfig | None
     tokenizer: Tokenizer
+    # pair name → the token ids its compact text embedding has rows for (row i: vocabulary[i]; the last
+    # row: any other token). Absent: the embedding has a row for every token of the tokenizer.
+    vocabularies: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
 
 def has_towers(path: str | Path) -> bool:
@@ -74,8 +86,16 @@ def _encoder(kind: str, vision: VisionConfig | None, audio: AudioConfig | None) 
     return AudioEncoder(audio)
 
 
-def save_towers(path: str | Path, towers: Towers) -> Path:
-    """Write towers.json + towers.safetensors (+ the tokenizer when the directory has none) into `path`."""
+MODEL_WEIGHTS = "model.safetensors"  # a tinyomni model directory's own weights (checkpoints/native.py)
+
+
+def save_towers(path: str | Path, towers: Towers, dtype: torch.dtype = torch.float32,
+                share_encoder: bool = False) -> Path:
+    """Write towers.json + towers.safetensors (+ the tokenizer when the directory has none) into `path`.
+
+    `dtype`: of the floating-point tensors (float16 halves the file). `share_encoder`: `path` is a model
+    directory whose model.safetensors holds each pair's encoder as it is (`vision_tower.*`, compared at
+    that file's precision); the encoders are then not written again (CheckpointError if one differs)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -87,7 +107,16 @@ def save_towers(path: str | Path, towers: Towers) -> Path:
         pairs[name] = {"kind": c.kind, "vocab_size": c.vocab_size, "loss": c.loss, "encoder_width": c.encoder_width,
                        "image_size": c.image_size,
                        "text_tower": {f.name: getattr(c.text_tower, f.name) for f in dataclasses.fields(TowerSpec)}}
-        state.update({f"{name}.{k}": v.detach().float().contiguous() for k, v in pair.state_dict().items()})
+        if name in towers.vocabularies:
+            pairs[name]["vocabulary"] = list(towers.vocabularies[name])
+        own = pair.state_dict()
+        if share_encoder:
+            _check_model_encoder(path, c.kind, {k[len("encoder."):]: v for k, v in own.items()
+                                                if k.startswith("encoder.")})
+            pairs[name]["encoder"] = "model"
+            own = {k: v for k, v in own.items() if not k.startswith("encoder.")}
+        state.update({f"{name}.{k}": (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous()
+                      for k, v in own.items()})
     meta = {"format": FORMAT, "version": VERSION, "pairs": pairs,
             "vision": None if towers.vision is None else dataclasses.asdict(towers.vision),
             "audio": None if towers.audio is None else dataclasses.asdict(towers.audio)}
@@ -96,6 +125,47 @@ def save_towers(path: str | Path, towers: Towers) -> Path:
     if not (path / "tokenizer.json").is_file():
         towers.tokenizer.save(path)
     return path
+
+
+def _model_encoder(path: Path, kind: str) -> dict[str, torch.Tensor]:
+    """A model directory's `<kind>_tower.*` tensors from its model.safetensors, by their names in the tower."""
+    from safetensors import safe_open
+
+    file = path / MODEL_WEIGHTS
+    if not file.is_file():
+        raise CheckpointError(f"{path}: the towers use the model's {kind} tower, but there is no {MODEL_WEIGHTS}")
+    prefix = f"{kind}_tower."
+    with safe_open(str(file), "pt") as f:
+        return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+
+
+def _check_model_encoder(path: Path, kind: str, encoder: dict[str, torch.Tensor]) -> None:
+    model = _model_encoder(path, kind)
+    if set(model) != set(encoder):
+        raise CheckpointError(f"{path}: the model's {kind} tower is not the pair's encoder (other tensors)")
+    for k, v in encoder.items():
+        if model[k].shape != v.shape or not torch.equal(v.to(model[k].dtype), model[k]):
+            raise CheckpointError(f"{path}: the model's {kind} tower differs from the pair's encoder at {k}: "
+                                  "the towers fit another encoder; save them with their own (share_encoder=False)")
+
+
+def compact_vocabulary(towers: Towers, name: str, vocabulary: list[int]) -> Towers:
+    """The towers with pair `name`'s text embedding cut to `vocabulary` (sorted token ids) plus one last row,
+    zero, for every other token. Texts made only of those tokens embed exactly as before."""
+    pair = towers.pairs[name]
+    if name in towers.vocabularies:
+        raise ConfigError(f"pair {name!r} already has a compact vocabulary")
+    ids = sorted(set(int(i) for i in vocabulary))
+    if not ids or ids[0] < 0 or ids[-1] >= pair.config.vocab_size:
+        raise ConfigError(f"pair {name!r}: the vocabulary must be token ids in [0, {pair.config.vocab_size})")
+    config = dataclasses.replace(pair.config, vocab_size=len(ids) + 1)
+    small = ContrastivePair(config, pair.encoder, pair.audio_config)
+    state = dict(pair.state_dict())
+    table = state["text_tower.embed.weight"]
+    state["text_tower.embed.weight"] = torch.cat([table[ids], torch.zeros_like(table[:1])])
+    small.load_state_dict(state)
+    return dataclasses.replace(towers, pairs={**towers.pairs, name: small.eval()},
+                               vocabularies={**towers.vocabularies, name: ids})
 
 
 def load_towers(path: str | Path) -> Towers:
@@ -122,13 +192,24 @@ def load_towers(path: str | Path) -> Towers:
     if not weights.is_file():
         raise CheckpointError(f"{path}: {TOWERS_CONFIG} without {TOWERS_WEIGHTS}")
     state = load_file(str(weights))
-    pairs = {}
+    pairs, vocabularies = {}, {}
     for name, spec in specs.items():
         pair = ContrastivePair(spec, _encoder(spec.kind, vision, audio), audio)
         own = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(f"{name}.")}
+        shared = meta["pairs"][name].get("encoder")
+        if shared not in (None, "model"):
+            raise CheckpointError(f"{file}: pair {name!r} has encoder {shared!r}; only \"model\" is known")
+        if shared == "model":
+            own.update({f"encoder.{k}": v for k, v in _model_encoder(path, spec.kind).items()})
+        vocabulary = meta["pairs"][name].get("vocabulary")
+        if vocabulary is not None:
+            if not isinstance(vocabulary, list) or len(vocabulary) + 1 != spec.vocab_size:
+                raise CheckpointError(f"{file}: pair {name!r} has a vocabulary of {len(vocabulary or [])} tokens "
+                                      f"for a text embedding of {spec.vocab_size} rows (it needs one more)")
+            vocabularies[name] = [int(i) for i in vocabulary]
         _load_pair(pair, own, f"{weights} ({name})")
         pairs[name] = pair.eval()
-    return Towers(pairs, vision, audio, Tokenizer.from_dir(path))
+    return Towers(pairs, vision, audio, Tokenizer.from_dir(path), vocabularies)
 
 
 def _load_pair(pair: ContrastivePair, state: dict[str, torch.Tensor], where: str) -> None:
@@ -212,6 +293,8 @@ def collect_towers(folder: str | Path, model_dir: str | Path) -> Path | None:
     merged = Towers({}, None, None, loaded[-1].tokenizer)
     for towers in loaded:
         merged.pairs.update(towers.pairs)
+        merged.vocabularies = {**{k: v for k, v in merged.vocabularies.items() if k not in towers.pairs},
+                               **towers.vocabularies}
         merged.vision = towers.vision or merged.vision
         merged.audio = towers.audio or merged.audio
     return save_towers(model_dir, merged)

@@ -49,6 +49,9 @@ class ModelSpec:
     audio: dict[str, Any] = field(default_factory=dict)  # AudioConfig fields (new encoders only)
     config: dict[str, Any] = field(default_factory=dict)  # other OmniConfig fields: max_tiles, use_thumbnail, ...
     seed: int = 0  # initialisation of the new parts
+    # Add CogVLM's visual expert to the decoder (decoder.visual_expert), started from its text weights; train it
+    # with `train = ["language_model.model.layers.N.visual_expert", ...]` (tinyomni/model/visual_expert.py).
+    visual_expert: bool = False
     # `from` in a recipe: a whole model to fine-tune as it is (an imported InternVL or LLaVA directory, a
     # tinyomni checkpoint, a hub id: anything tinyomni.load takes), in place of `base` and new encoders.
     # The final checkpoint then stores only what training changed, with `base_model` naming this.
@@ -163,6 +166,10 @@ class StageSpec:
     # captions apart most easily (colours). 0 = off.
     tag_loss: float = 0.0
     text_tower: TextTowerSpec = field(default_factory=TextTowerSpec)
+    # Locked-image tuning (LiT, Zhai et al. 2022): the encoder stays frozen (and its BatchNorm statistics
+    # too); only the text tower and the heads learn. For towers that fit an encoder trained further after
+    # its pretraining, e.g. the shipped model's (recipes/tinyomni-world-towers.toml).
+    lock_encoder: bool = False
     # dpo only
     dpo: PreferenceSpec = field(default_factory=PreferenceSpec)
     # distill and distill_vision only
@@ -177,6 +184,9 @@ class StageSpec:
         _require(self.hard_negatives >= 0, f"{where}.hard_negatives must be >= 0")
         _require(self.tag_loss >= 0, f"{where}.tag_loss must be >= 0")
         _require(self.kind == "contrastive" or not self.tag_loss, f"{where}.tag_loss is for contrastive stages")
+        _require(self.kind == "contrastive" or not self.lock_encoder, f"{where}.lock_encoder is for contrastive stages")
+        _require(not (self.lock_encoder and self.tag_loss),
+                 f"{where}: tag_loss trains the encoder; not with lock_encoder")
         _require(self.data.extra_questions >= 0, f"{where}.data.extra_questions must be >= 0")
         _require(self.data.jsonl is None or self.data.llava is None, f"{where}.data: jsonl or llava, not both")
         _require(self.data.image_folder is None or self.data.llava is not None,

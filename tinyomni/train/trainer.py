@@ -42,6 +42,7 @@ from tinyomni import api
 from tinyomni.config import AudioConfig, OmniConfig, ProjectorConfig, VisionConfig
 from tinyomni.errors import ConfigError
 from tinyomni.model.lora import apply_lora, is_lora_key, merge_lora
+from tinyomni.model.moe import routing_aux_loss, take_routing_load
 from tinyomni.train import checkpoint as ckpt
 from tinyomni.train.contrastive import ContrastiveModule
 from tinyomni.train.data import (
@@ -76,6 +77,15 @@ LOG_FILE, PLOT_FILE, MODEL_DIR = "log.jsonl", "curves.png", "model"
 def build_model(recipe: Recipe) -> api.Model:
     """The starting model of a recipe, built the same way every time (seeded), so a resumed run can
     rebuild it and load only what training changed."""
+    model = _starting_model(recipe)
+    if recipe.model.visual_expert:
+        from tinyomni.model.visual_expert import add_visual_expert
+
+        add_visual_expert(model.model)
+    return model
+
+
+def _starting_model(recipe: Recipe) -> api.Model:
     spec = recipe.model
     if spec.from_ is not None:
         if spec.vision or spec.audio or spec.config:
@@ -124,7 +134,7 @@ class ChatForward(nn.Module):
         omni = self.omni
         embeds = omni.embed(batch.input_ids, batch.pixel_values, batch.audio_features or None)
         # Right padding under a causal mask: real tokens never see the pads, so no mask is needed.
-        hidden = omni.language_model.hidden_states(embeds)
+        hidden = omni.language_model.hidden_states(embeds, **omni.decoder_inputs(batch.input_ids))
         targets = batch.labels[:, 1:]
         keep = targets != IGNORE
         scores = omni.language_model.lm_head(hidden[:, :-1][keep]).float()
@@ -132,11 +142,17 @@ class ChatForward(nn.Module):
         if logits:
             return scores + zero
         if not per_row:
-            return F.cross_entropy(scores, targets[keep], reduction="sum") + zero
+            return F.cross_entropy(scores, targets[keep], reduction="sum") + zero + self._router_loss(keep)
         token_logps = -F.cross_entropy(scores, targets[keep], reduction="none")
         rows = keep.nonzero()[:, 0]
         sums = torch.zeros(targets.shape[0], dtype=token_logps.dtype, device=token_logps.device)
         return sums.index_add(0, rows, token_logps) + zero
+
+    def _router_loss(self, keep: Tensor) -> Tensor | float:
+        """An MoE decoder's load-balancing loss (router_aux_loss_coef > 0), times the labelled tokens: the
+        stage divides the summed loss by them, so it enters the step's loss as coef * aux."""
+        aux = routing_aux_loss(self.omni.language_model)
+        return 0.0 if aux is None else aux * keep.sum()
 
     def _untouched(self, batch: ChatBatch) -> Tensor | float:
         absent = {"vision": batch.pixel_values is None, "audio": not batch.audio_features}
@@ -235,8 +251,12 @@ def store_frozen_in_bf16(omni: nn.Module, recipe: Recipe) -> None:
     LoRA adapters and everything trained keep float32 weights."""
     prefixes = [p for s in recipe.stages for p in s.train]
     prefixes += [f"{s.tower}_tower." for s in recipe.stages if s.kind in ("contrastive", "distill_vision")]
+    # BatchNorm (a conv stem's) keeps float32 weights: in eval mode under autocast, batch_norm wants its
+    # weights in the dtype of its float32 running statistics (bf16 ones fail: "expected BFloat16 but Float").
+    batch_norms = {f"{m}.{k}" for m, mod in omni.named_modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)
+                   for k, _ in mod.named_parameters(recurse=False)}
     for name, p in omni.named_parameters():
-        if not any(name.startswith(prefix) for prefix in prefixes):
+        if not any(name.startswith(prefix) for prefix in prefixes) and name not in batch_norms:
             p.data = p.data.to(torch.bfloat16)
 
 
@@ -551,6 +571,7 @@ class Trainer:
         train_mode(omni)
         trainable = [p for _, p in named]
         window: dict[str, float] = {"loss": 0.0, "samples": 0, "steps": 0, "dropped": 0, "t": time.perf_counter()}
+        take_routing_load(omni)  # MoE decoders: count expert load from this stage's first step
         with _progress_bar(self.progress, stage, start) as bar:
             for step in range(start, stage.steps):
                 micro_batches, dropped = next(loader)
@@ -577,6 +598,9 @@ class Trainer:
                            "grad_norm": _full(norm), "samples_per_s": window["samples"] / elapsed,
                            "dropped": window["dropped"], "time": time.time()}
                     row.update({key: window[key] / window["steps"] for key in stats})
+                    load = take_routing_load(omni)  # MoE decoders: each expert's share of the tokens, per layer
+                    if load is not None:
+                        row["expert_load"] = [[round(share, 4) for share in layer] for layer in load]
                     self.losses.append(row["loss"])
                     self._log(row)
                     window = {"loss": 0.0, "samples": 0, "steps": 0, "dropped": 0, "t": time.perf_counter()}
@@ -649,7 +673,7 @@ class Trainer:
             encoder, width = self.omni.audio_tower, config.audio.d_model
         if encoder is None:
             raise ConfigError(f"stage {stage.name!r}: the model has no {stage.tower} encoder")
-        encoder.requires_grad_(True)
+        encoder.requires_grad_(not stage.lock_encoder)  # LiT: frozen, BatchNorm in eval mode (train_mode)
         prefix = "vision_tower." if stage.tower == "vision" else "audio_tower."
         self.trained |= {n for n, p in self.omni.named_parameters() if n.startswith(prefix) and p.requires_grad}
         tags = tag_vocabulary(RecordSource(stage.data), self.model.tokenizer, stage) if stage.tag_loss else None
