@@ -81,8 +81,10 @@ def serve(args: argparse.Namespace) -> None:
     uvicorn.run(create_app(model, options), host="127.0.0.1", port=args.serve_port, log_level="warning")
 
 
-def steps(base: str) -> int:
-    return httpx.get(base + "/health").json()["steps"]
+def counters(base: str) -> tuple[int, int]:
+    """The engine's (decode steps, prefill forwards) so far."""
+    health = httpx.get(base + "/health").json()
+    return health["steps"], health["prefills"]
 
 
 def main() -> None:
@@ -116,21 +118,23 @@ def main() -> None:
                 time.sleep(0.2)
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=600)
         one_request(client, "bench", 0, 4)  # warm-up: first-call allocations, tokenizer caches
-        s0 = steps(base)
+        c0 = counters(base)
         sequential = run(client, "bench", args.clients, args.tokens, at_once=False)
-        s1 = steps(base)
+        c1 = counters(base)
         together = run(client, "bench", args.clients, args.tokens, at_once=True)
-        sequential["steps"], together["steps"] = s1 - s0, steps(base) - s1
+        c2 = counters(base)
+        sequential["steps"], sequential["prefills"] = c1[0] - c0[0], c1[1] - c0[1]
+        together["steps"], together["prefills"] = c2[0] - c1[0], c2[1] - c1[1]
     finally:
         child.terminate()
         child.wait(timeout=30)
 
     print(f"\n{args.clients} requests x {args.tokens} tokens, {args.quantize or 'float'} weights "
           "(greedy, streaming, openai client over loopback, server in its own process)\n")
-    print(f"{'mode':<18}{'tokens':>8}{'steps':>7}{'seconds':>9}{'tok/s':>8}{'mean TTFT s':>13}"
+    print(f"{'mode':<18}{'tokens':>8}{'steps':>7}{'prefills':>10}{'seconds':>9}{'tok/s':>8}{'mean TTFT s':>13}"
           f"{'mean latency s':>16}")
     for name, r in [("one at a time", sequential), (f"{args.clients} concurrent", together)]:
-        print(f"{name:<18}{r['tokens']:>8}{r['steps']:>7}{r['seconds']:>9.2f}{r['tok_s']:>8.1f}"
+        print(f"{name:<18}{r['tokens']:>8}{r['steps']:>7}{r['prefills']:>10}{r['seconds']:>9.2f}{r['tok_s']:>8.1f}"
               f"{r['ttft']:>13.3f}{r['latency']:>16.2f}")
     print(f"\nthroughput ratio (concurrent / one at a time): {together['tok_s'] / sequential['tok_s']:.2f}x")
 

@@ -4,7 +4,8 @@ One background thread owns the model and its KV cache (`[max_batch, kv_heads, ma
 per layer); each cache row holds one request. Every loop iteration
 
   1. frees the rows of cancelled requests (a client that went away),
-  2. admits waiting requests into free rows: one prefill each, with its images and audio,
+  2. admits waiting requests into free rows: each prompt embedded alone (its images and audio),
+     then one decoder prefill for all of them together (right-padded, see `_prefill`),
   3. runs ONE decode step for all active rows together: each row feeds its last token at its own
      cache slot (per-row positions) and attends only to its own filled slots (a key mask),
   4. samples each row with its own parameters and seed, and pushes its text delta to its consumer;
@@ -57,6 +58,27 @@ class EngineFailedError(EngineClosedError):
 
 class RequestCancelled(TinyOmniError):
     """The request was cancelled (its client disconnected) before it finished."""
+
+
+# Padded tokens one batched prefill may hold (rows x the group's longest prompt): bounds its memory
+# and the work spent on padding; a prompt longer than this is prefilled alone.
+PREFILL_TOKENS = 4096
+
+
+def prefill_groups(items: list[tuple[Request, Tensor]], budget: int) -> list[list[tuple[Request, Tensor]]]:
+    """Split (request, embeddings) into groups prefilled together, in arrival order: a group grows
+    while its rows x its longest prompt stays within `budget` tokens (one prompt always fits)."""
+    groups: list[list[tuple[Request, Tensor]]] = []
+    longest = 0
+    for item in items:
+        n = len(item[1])
+        if groups and (len(groups[-1]) + 1) * max(longest, n) <= budget:
+            groups[-1].append(item)
+            longest = max(longest, n)
+        else:
+            groups.append([item])
+            longest = n
+    return groups
 
 
 class Request:
@@ -155,6 +177,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._kv: KVCache | None = None  # allocated by start(); the engine's own, not the model's
         self.steps = 0  # decode steps run, for stats and tests
+        self.prefills = 0  # decoder prefill forwards run (each serves one or more requests)
         self.tokens = 0  # tokens generated
         self.failure: BaseException | None = None  # why the loop died, if it did (then health is 503)
         self.on_failure: Callable[[BaseException], None] | None = None  # e.g. stop the HTTP server
@@ -213,7 +236,7 @@ class Engine:
     def stats(self) -> dict[str, int]:
         return {"active": sum(r is not None for r in self._rows), "waiting": self._waiting.qsize(),
                 "max_batch": self.max_batch, "max_queue": self.max_queue, "max_context": self.max_context,
-                "steps": self.steps, "tokens": self.tokens}
+                "steps": self.steps, "prefills": self.prefills, "tokens": self.tokens}
 
     # --- the loop ----------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -245,47 +268,105 @@ class Engine:
                 request._emit("error", RequestCancelled("cancelled"))
 
     def _admit(self) -> None:
-        """Move waiting requests into free rows; when idle, wait a little for one to arrive."""
+        """Move waiting requests into free rows, all prefilled together; when idle, wait a little for one."""
         idle = not any(self._rows)
-        while None in self._rows:
+        free = self._rows.count(None)
+        batch: list[Request] = []
+        while len(batch) < free:
             try:
                 # Blocking with a timeout (not forever) lets close() stop an idle loop promptly.
                 request = self._waiting.get(timeout=0.1) if idle else self._waiting.get_nowait()
             except queue.Empty:
-                return
+                break
             idle = False
             if request.cancelled:
                 request._emit("error", RequestCancelled("cancelled"))
                 continue
-            self._prefill(request, self._rows.index(None))
+            batch.append(request)
+        if batch:
+            self._prefill(batch)
 
-    def _prefill(self, request: Request, row: int) -> None:
-        """Write the prompt (with its media) into cache row `row` and sample the first token."""
+    def _prefill(self, requests: list[Request]) -> None:
+        """Write the prompts (with their media) into free cache rows and sample each first token.
+
+        Each prompt is embedded on its own (its images and audio encoded, its placeholders filled), so
+        bad media fails that request alone; then the decoder runs once for a group of them, prompts
+        right-padded to the longest: each row's tokens sit at slots 0..n-1 as they would alone, and
+        causal attention never lets a real token see the padding after it. The padding's keys land in
+        slots past the row's length, which decode overwrites before any mask lets them be read.
+        """
+        embedded: list[tuple[Request, Tensor]] = []
+        for request in requests:
+            try:  # anything wrong with this one request (its media, its parameters) fails it alone
+                embedded.append((request, self._embed(request)))
+            except Exception as e:
+                self._fail(request, e, "prefill")
+        rows = [row for row, r in enumerate(self._rows) if r is None]
+        for group in prefill_groups(embedded, PREFILL_TOKENS):
+            group_rows, rows = rows[:len(group)], rows[len(group):]
+            try:
+                logits = self._prefill_rows(group, group_rows)
+            except Exception as e:
+                if len(group) == 1:
+                    self._fail(group[0][0], e, "prefill")
+                    continue
+                # One forward served the whole group: redo each alone, so only the guilty one fails.
+                for item, row in zip(group, group_rows):
+                    try:
+                        self._start([item[0]], [row], self._prefill_rows([item], [row]))
+                    except Exception as e:
+                        self._fail(item[0], e, "prefill")
+                continue
+            self._start([request for request, _ in group], group_rows, logits)
+
+    def _embed(self, request: Request) -> Tensor:
+        """One prompt's input embeddings [n, hidden], its media encoded into their placeholders."""
         prompt, device, params = request.prompt, self._device, request.params
-        try:  # anything wrong with this one request (its media, its parameters) fails it alone
-            ids = torch.tensor([prompt.input_ids], device=device)
-            slots = torch.arange(ids.shape[1], device=device)
-            pixels = prompt.pixel_values.to(device) if prompt.pixel_values is not None else None
-            if params.seed is not None:
-                request.generator = torch.Generator(device=device).manual_seed(params.seed)
-            logits, _ = self.model.model(
-                ids, pixel_values=pixels, audio_features=[a.to(device) for a in prompt.audio_features],
-                qformer_input_ids=[torch.tensor(q, device=device) for q in prompt.qformer_input_ids] or None,
-                position_ids=slots[None], logits_to_keep=1,
-                cache=CacheState(self._kv, slots, len(slots), rows=torch.tensor([row], device=device)))
-            request.row, request.length = row, len(slots)
+        if params.seed is not None:
+            request.generator = torch.Generator(device=device).manual_seed(params.seed)
+        ids = torch.tensor([prompt.input_ids], device=device)
+        pixels = prompt.pixel_values.to(device) if prompt.pixel_values is not None else None
+        embeds = self.model.model.embed(
+            ids, pixel_values=pixels, audio_features=[a.to(device) for a in prompt.audio_features],
+            qformer_input_ids=[torch.tensor(q, device=device) for q in prompt.qformer_input_ids] or None)
+        return embeds[0]
+
+    def _prefill_rows(self, group: list[tuple[Request, Tensor]], rows: list[int]) -> Tensor:
+        """Run the decoder over right-padded prompts into cache `rows`; the logits [B, vocab] at each
+        prompt's last token."""
+        device = self._device
+        lengths = [len(embeds) for _, embeds in group]
+        T = max(lengths)
+        first = group[0][1]
+        x = first.new_zeros(len(group), T, first.shape[-1])  # zero padding: finite through every norm
+        for b, (_, embeds) in enumerate(group):
+            x[b, :len(embeds)] = embeds
+        slots = torch.arange(T, device=device)
+        self.prefills += 1
+        hidden = self._decoder.hidden_states(
+            x, slots.expand(len(group), T),
+            cache=CacheState(self._kv, slots, T, rows=torch.tensor(rows, device=device)))
+        last = hidden[torch.arange(len(group), device=device), torch.tensor(lengths, device=device) - 1]
+        return self._decoder.lm_head(last[:, None])[:, -1]
+
+    def _start(self, requests: list[Request], rows: list[int], logits: Tensor) -> None:
+        """Prefilled requests take their rows, report "start", and get their first tokens."""
+        for request, row in zip(requests, rows):
+            params = request.params
+            request.row, request.length = row, len(request.prompt.input_ids)
             request.stream = TextStream(self.model.tokenizer, params.stop,
                                         0 if params.ignore_eos else params.max_repeat_tokens)
             if params.repetition_penalty != 1.0:
-                request.history = ids
+                request.history = torch.tensor([request.prompt.input_ids], device=self._device)
             self._rows[row] = request
             request._emit("start")
-            token = self._sample([request], logits[:, -1])[0]
-            if isinstance(token, Exception):
-                raise token
-            self._accept(request, token)
-        except Exception as e:
-            self._fail(request, e, "prefill")
+        for request, token in zip(requests, self._sample(requests, logits)):
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                self._accept(request, token)
+            except Exception as e:
+                self._fail(request, e, "prefill")
 
     def _step(self) -> None:
         """One decode step for every active row, each at its own slot."""
