@@ -26,6 +26,7 @@ mean/std, resample), processor_config.json's `size_conversion`, the tokenizer an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -60,39 +61,20 @@ def aria_decoder_config(hf: dict[str, Any]) -> DecoderConfig:
     if hf["hidden_act"] not in ACTIVATIONS:
         raise CheckpointError(f"Aria with hidden_act {hf['hidden_act']!r} is not supported "
                               f"({', '.join(sorted(ACTIVATIONS))})")
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "linear", "llama3"):
         raise CheckpointError(f"Aria with rope type {kind!r} is not supported (default, linear, llama3)")
-    heads = hf["num_attention_heads"]
     experts, top_k = hf["moe_num_experts"], hf["moe_topk"]
     if not 1 <= top_k <= experts:
         raise CheckpointError(f"Aria with moe_topk {top_k} of {experts} experts is not a valid MoE")
-    return DecoderConfig(
-        kind="moe",
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_hidden_layers=hf["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim"),
-        max_position_embeddings=hf["max_position_embeddings"],
-        rms_norm_eps=hf["rms_norm_eps"],
-        rope_theta=rope_theta,
-        rope_scaling=None if kind == "default" else rope,
-        tie_word_embeddings=hf["tie_word_embeddings"],
-        hidden_act=hf["hidden_act"],
-        bos_token_id=hf["bos_token_id"],
-        eos_token_id=hf["eos_token_id"],
-        pad_token_id=hf["pad_token_id"],
-        num_experts=experts,
-        num_experts_per_tok=top_k,
-        num_shared_experts=hf["moe_num_shared_experts"],
+    from tinyomni.checkpoints.hf_llama import llama_decoder_config  # here: hf_llama dispatches to this module
+
+    return dataclasses.replace(
+        llama_decoder_config(hf), kind="moe", hidden_act=hf["hidden_act"], num_experts=experts,
+        num_experts_per_tok=top_k, num_shared_experts=hf["moe_num_shared_experts"],
         # Not an AriaTextConfig key (Mixtral's name for it): a base decoder's config.json may set it for training.
-        router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.0)),
-    )
+        router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.0)))
 
 
 def aria_decoder_state(state: dict[str, Tensor], config: DecoderConfig) -> dict[str, Tensor]:

@@ -33,6 +33,12 @@ def decoder_config_from_hf(hf: dict) -> DecoderConfig:
         return aria_decoder_config(hf)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(f"model_type {model_type!r} is not a supported decoder ({SUPPORTED_MODEL_TYPES})")
+    return llama_decoder_config(hf)
+
+
+def llama_decoder_config(hf: dict) -> DecoderConfig:
+    """The Llama-family fields of a config.json: Llama, Qwen2, Mistral, and the attention side of Aria's."""
+    model_type = hf.get("model_type")
     heads = hf["num_attention_heads"]
     # transformers 5 writes `rope_parameters` (theta inside); older configs `rope_theta` + `rope_scaling`.
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
