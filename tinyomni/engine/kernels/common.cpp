@@ -50,8 +50,8 @@ inline std::pair<float, float> quantize_block(__m512 v0, __m512 v1, int8_t* dst,
 }
 
 template <typename T>
-void quantize_rows(const T* x, int64_t begin, int64_t end, int64_t K, int64_t nb, Q8Activations& act) {
-  for (int64_t m = begin; m < end; ++m) {
+void quantize_rows(const T* x, int64_t M, int64_t K, int64_t nb, Q8Activations& act) {
+  for (int64_t m = 0; m < M; ++m) {
     const T* row = x + m * K;
     for (int64_t b = 0; b < nb; ++b) {
       __m512 v0 = load16(row, b * QK, K);
@@ -70,9 +70,6 @@ void quantize_rows(const T* x, int64_t begin, int64_t end, int64_t K, int64_t nb
     }
   }
 }
-
-// Activation rows per thread when quantizing a prompt.
-constexpr int64_t QUANTIZE_GRAIN = 32;
 
 // The calling thread's scratch, grown to M rows of `blocks` blocks.
 Q8Activations& scratch(int64_t M, int64_t blocks, int passes) {
@@ -93,22 +90,18 @@ Q8Activations& quantize_activations(const at::Tensor& x2d, int64_t blocks, int p
   TORCH_CHECK(passes == 1 || passes == 2, "activation passes must be 1 or 2, got ", passes);
   const int64_t M = x2d.size(0), K = x2d.size(1);
   Q8Activations& act = scratch(M, blocks, passes);
-  // A prompt's rows are split between threads (at prefill sizes this pass is a tenth of the GEMM);
-  // a decode step's few rows stay on the calling thread.
-  at::parallel_for(0, M, QUANTIZE_GRAIN, [&](int64_t begin, int64_t end) {
-    if (x2d.scalar_type() == at::kBFloat16) {
-      quantize_rows(x2d.data_ptr<at::BFloat16>(), begin, end, K, blocks, act);
-    } else {
-      quantize_rows(x2d.data_ptr<float>(), begin, end, K, blocks, act);
-    }
-  });
+  if (x2d.scalar_type() == at::kBFloat16) {
+    quantize_rows(x2d.data_ptr<at::BFloat16>(), M, K, blocks, act);
+  } else {
+    quantize_rows(x2d.data_ptr<float>(), M, K, blocks, act);
+  }
   return act;
 }
 
 Q8Activations& quantize_activations(const float* x, int64_t M, int64_t K, int64_t blocks, int passes) {
   TORCH_CHECK(passes == 1 || passes == 2, "activation passes must be 1 or 2, got ", passes);
   Q8Activations& act = scratch(M, blocks, passes);
-  quantize_rows(x, 0, M, K, blocks, act);
+  quantize_rows(x, M, K, blocks, act);
   return act;
 }
 

@@ -17,7 +17,7 @@ namespace tinyomni {
 constexpr int64_t QK = 32;  // values per quantization block, weights and activations alike
 
 // Up to this many activation rows use the VNNI matrix-vector kernels (decode, small batches); more
-// rows (prefill) use the AMX int8 GEMM (gemm/gemm.cpp) where the CPU has it, else dequantize the
+// rows (prefill) use the AMX bf16 tile GEMM (gemm/gemm.cpp) where the CPU has it, else dequantize the
 // weight once and run a dense float GEMM (oneDNN).
 constexpr int64_t GEMV_MAX_ROWS = 16;
 
