@@ -90,7 +90,8 @@ def test_batched_prefill_logits_equal_solo(model):
     # activation tiles whose grouping depends on the batch's row count (~1e-4 on these logits).
     tolerance = 1e-4 if model.model.language_model.decode_step is None else 1e-3
     with torch.inference_mode():
-        group = [(None, engine._embed(engine_module.Request(p, SamplingParams(), 8))) for p in prompts]
+        requests = [engine_module.Request(p, SamplingParams(), 8) for p in prompts]
+        group = [(r, engine._embed(r)) for r in requests]
         rows = [6, 0, 3, 5, 1]  # any free rows, in any order
         batched = engine._prefill_rows(group, rows)
         for b, p in enumerate(prompts):
@@ -216,3 +217,30 @@ def test_prefill_groups_keep_order_and_budget():
         assert len(g) == 1 or len(g) * max(len(e) for _, e in g) <= 100
     assert [len(g) for g in prefill_groups(items, budget=10**6)] == [6]
     assert [len(g) for g in prefill_groups(items[3:4], budget=1)] == [1]  # a long prompt runs alone
+
+
+def test_a_visual_expert_model_is_served_as_it_answers_alone():
+    """The batched prefill tells a visual-expert decoder where each row's image tokens are (padding is no
+    token), so an image prompt and text prompts prefilled together answer as each does alone."""
+    from tinyomni.model.visual_expert import add_visual_expert, is_expert_weight
+
+    with torch_threads(1):
+        model = varied_tiny_model()
+        add_visual_expert(model.model)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # experts away from the text weights, so a missing mask would show
+            for name, p in model.model.named_parameters():
+                if is_expert_weight(name):
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+        chosen = [CONVERSATIONS[2], CONVERSATIONS[0], CONVERSATIONS[1]]
+        params = SamplingParams(max_new_tokens=8)
+        expected = [complete_alone(model, c, params) for c in chosen]
+        engine, gate = gated_engine(model, max_batch=4)
+        engine.start()
+        try:
+            requests = [engine.submit(model.prepare(c), params) for c in chosen]
+            gate.set()
+            check_answers(requests, expected)
+            assert engine.prefills == 1
+        finally:
+            engine.close()

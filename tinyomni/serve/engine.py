@@ -341,11 +341,15 @@ class Engine:
         x = first.new_zeros(len(group), T, first.shape[-1])  # zero padding: finite through every norm
         for b, (_, embeds) in enumerate(group):
             x[b, :len(embeds)] = embeds
+        ids = torch.full((len(group), T), -1, dtype=torch.long, device=device)  # -1: padding, no token
+        for b, (request, _) in enumerate(group):
+            ids[b, :lengths[b]] = torch.tensor(request.prompt.input_ids, device=device)
         slots = torch.arange(T, device=device)
         self.prefills += 1
         hidden = self._decoder.hidden_states(
             x, slots.expand(len(group), T),
-            cache=CacheState(self._kv, slots, T, rows=torch.tensor(rows, device=device)))
+            cache=CacheState(self._kv, slots, T, rows=torch.tensor(rows, device=device)),
+            **self.model.model.decoder_inputs(ids))  # a visual-expert decoder: where the image tokens are
         last = hidden[torch.arange(len(group), device=device), torch.tensor(lengths, device=device) - 1]
         return self._decoder.lm_head(last[:, None])[:, -1]
 
