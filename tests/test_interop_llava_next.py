@@ -125,13 +125,21 @@ def reference_inputs(processor, messages: list[dict]) -> dict:
 
 
 def assert_same_pixels(prompt, inputs) -> None:
-    """Our tiles (channels 0-2) are the processor's, image by image (it pads each image's tiles with zero
-    tiles to the most any image has); each image's tile count is the one its size gives."""
+    """Our tiles [tiles, 3, S, S] are the processor's, image by image (it pads each image's tiles with zero
+    tiles to the most any image has); each image's tile count is the one its size gives, and its layout
+    (Prompt.image_layouts, one per image) says the same count and the grid transformers chose."""
+    from transformers.image_processing_utils import select_best_resolution
+
     pixels, at = inputs["pixel_values"], 0
-    assert prompt.pixel_values.shape[1] == 4
-    for k, n in enumerate(prompt.tiles_per_image):
-        assert torch.equal(prompt.pixel_values[at:at + n, :3], pixels[k, :n])
+    assert prompt.pixel_values.shape[1] == 3
+    assert len(prompt.image_layouts) == len(prompt.tiles_per_image)
+    for k, (n, layout) in enumerate(zip(prompt.tiles_per_image, prompt.image_layouts)):
+        assert torch.equal(prompt.pixel_values[at:at + n], pixels[k, :n])
         assert not pixels[k, n:].any()
+        assert layout.tiles == n
+        height, width = inputs["image_sizes"][k].tolist()
+        best = select_best_resolution((height, width), PINPOINTS)
+        assert (layout.rows, layout.cols) == (best[0] // TILE, best[1] // TILE)
         at += n
     assert at == prompt.pixel_values.shape[0]
 
@@ -168,7 +176,7 @@ def test_logits_and_greedy_continuation_match_transformers(case: str, tmp_path: 
 
     ids = torch.tensor([prompt.input_ids])
     with torch.no_grad():
-        logits, _ = ours.model(ids, pixel_values=prompt.pixel_values)
+        logits, _ = ours.model(ids, pixel_values=prompt.pixel_values, image_layouts=prompt.image_layouts)
         theirs = reference(**inputs).logits
     assert_logits_match(logits, theirs)
     assert_same_greedy(ours, reference, messages, inputs, ids.shape[1])
@@ -261,7 +269,7 @@ def test_the_grid_geometry_is_transformers(vicuna_dir: Path) -> None:
 
 
 def test_a_batch_of_two_prompts_matches_the_prompts_alone(mistral_dir: Path) -> None:
-    """generate's batching joins prompts' pixels as they are; each image's layout travels with its tiles."""
+    """generate's batching joins prompts' pixels and, beside them, their images' layouts, in the same order."""
     ours = tinyomni.load(mistral_dir)
     first = conversation(noise_image(200, 30, seed=1))
     second = conversation(noise_image(30, 30, seed=2), noise_image(90, 120, seed=5), question="Describe the image.")
@@ -278,7 +286,7 @@ def test_a_training_example_trains_through_the_grid(vicuna_dir: Path) -> None:
     prompt, labels = ours.processor.training_example(messages)
     assert prompt.input_ids[:len(ours.prepare(messages[:1]).input_ids)] == ours.prepare(messages[:1]).input_ids
     _, loss = ours.model(torch.tensor([prompt.input_ids]), pixel_values=prompt.pixel_values,
-                         labels=torch.tensor([labels]))
+                         image_layouts=prompt.image_layouts, labels=torch.tensor([labels]))
     loss.backward()
     assert ours.model.multi_modal_projector.image_newline.grad.abs().sum() > 0
 
@@ -293,8 +301,8 @@ def test_saved_import_loads_back_as_a_native_checkpoint(vicuna_dir: Path, tmp_pa
     assert again.prepare(messages).input_ids == prompt.input_ids
     ids = torch.tensor([prompt.input_ids])
     with torch.no_grad():
-        a, _ = ours.model(ids, pixel_values=prompt.pixel_values)
-        b, _ = again.model(ids, pixel_values=prompt.pixel_values)
+        a, _ = ours.model(ids, pixel_values=prompt.pixel_values, image_layouts=prompt.image_layouts)
+        b, _ = again.model(ids, pixel_values=prompt.pixel_values, image_layouts=prompt.image_layouts)
     assert torch.equal(a, b)
 
 
@@ -321,16 +329,19 @@ def test_export_refuses_what_it_cannot_write(vicuna_dir: Path, tmp_path: Path) -
     assert not (tmp_path / "hf").exists()
 
 
-def test_video_and_forged_pixels_are_refused(vicuna_dir: Path) -> None:
+def test_video_and_pixels_without_their_layouts_are_refused(vicuna_dir: Path) -> None:
     ours = tinyomni.load(vicuna_dir)
     with pytest.raises(InputError, match="takes images, not video"):
         ours.prepare([{"role": "user", "content": [{"type": "video", "video": [noise_image(40, 40)] * 2}]}])
     prompt = ours.prepare(conversation(noise_image(100, 40)))
-    ids = torch.tensor([prompt.input_ids])
-    with pytest.raises(InputError, match="layout"):
-        ours.model(ids, pixel_values=prompt.pixel_values[1:])  # a tile short: its layout no longer adds up
-    with pytest.raises(InputError, match=r"\[tiles, 4, S, S\]"):
-        ours.model(ids, pixel_values=prompt.pixel_values[:, :3])
+    ids, layouts = torch.tensor([prompt.input_ids]), prompt.image_layouts
+    with pytest.raises(InputError, match="needs each image's layout.*image_layouts"):
+        ours.model(ids, pixel_values=prompt.pixel_values)
+    with pytest.raises(InputError, match="3 tiles of pixel values for LLaVA-NeXT image layouts of 4"):
+        ours.model(ids, pixel_values=prompt.pixel_values[1:], image_layouts=layouts)  # a tile short
+    with pytest.raises(InputError, match=r"\[tiles, 3, S, S\]"):  # the old layout-in-a-4th-channel tensors
+        ours.model(ids, pixel_values=torch.cat([prompt.pixel_values, prompt.pixel_values[:, :1]], 1),
+                   image_layouts=layouts)
 
 
 # --- errors --------------------------------------------------------------------------------------------

@@ -171,8 +171,7 @@ def test_toy_moe_recipe_trains_on_the_world_and_logs_expert_load(moe_base: Path,
 def test_the_balancing_loss_enters_the_sft_loss() -> None:
     """ChatForward (every sft step's loss) adds coef-weighted aux times the labelled tokens, which the step
     divides by them: the step's loss is the mean cross-entropy + router_aux_loss_coef * aux."""
-    from types import SimpleNamespace
-
+    from tinyomni.train.data import ChatBatch
     from tinyomni.train.trainer import ChatForward
 
     torch.manual_seed(0)
@@ -180,7 +179,7 @@ def test_the_balancing_loss_enters_the_sft_loss() -> None:
     ids = torch.randint(0, 96, (2, 8))
     labels = ids.clone()
     labels[:, :3] = -100
-    batch = SimpleNamespace(input_ids=ids, pixel_values=None, audio_features=[], labels=labels)
+    batch = ChatBatch(ids, labels, pixel_values=None, audio_features=[], samples=2)
     total = ChatForward(model)(batch)
     decoder = model.language_model
     logits = decoder(ids)[0]

@@ -237,6 +237,11 @@ class Model:
             facts["tokens_per_tile"] = config.image_tokens_per_tile
             facts["max_tiles"] = config.max_tiles
             facts["use_thumbnail"] = config.use_thumbnail
+            if config.image_resize == "anyres":  # LLaVA-NeXT: the whole image, then the best of its grids
+                from tinyomni.processing.llava_next import most_tiles
+
+                facts["max_tiles"] = most_tiles(config.vision.image_size, config.image_grid_pinpoints)
+                facts["grid_pinpoints"] = [list(p) for p in config.image_grid_pinpoints]  # (height, width)
             if image_size is not None:  # counted by the processor itself, so every family's layout is right
                 from PIL import Image
 

@@ -268,8 +268,11 @@ def run_info(args: argparse.Namespace) -> int:
         table.add_row("decoder weights", f"{facts['quantization']} (weight-only, the engine's kernels)")
     if "tile_size" in facts:
         table.add_row("image tile", f"{facts['tile_size']} px, {facts['tokens_per_tile']} tokens")
-        thumbnail = " (+ a thumbnail when tiled)" if facts["use_thumbnail"] else ""
-        table.add_row("max tiles per image", f"{facts['max_tiles']}{thumbnail}")
+        note = " (+ a thumbnail when tiled)" if facts["use_thumbnail"] else ""
+        if "grid_pinpoints" in facts:  # LLaVA-NeXT: the whole image + a grid at the best of these resolutions
+            note = f" (the whole image + a grid of up to {facts['max_tiles'] - 1})"
+            table.add_row("grid resolutions (WxH)", ", ".join(f"{w}x{h}" for h, w in facts["grid_pinpoints"]))
+        table.add_row("max tiles per image", f"{facts['max_tiles']}{note}")
     if "image" in facts:
         image = facts["image"]
         table.add_row(f"image {image['size'][0]}x{image['size'][1]}",

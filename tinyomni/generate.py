@@ -272,8 +272,10 @@ class Generation:
         pixel_values = [p.pixel_values for p in self.prompts if p.pixel_values is not None]
         audio = [a for p in self.prompts for a in p.audio_features]
         qformer = [torch.tensor(q, device=device) for p in self.prompts for q in p.qformer_input_ids]
+        layouts = [layout for p in self.prompts for layout in p.image_layouts]  # LLaVA-NeXT's, image by image
         logits, _ = model(input_ids, pixel_values=stack_tiles(pixel_values).to(device) if pixel_values else None,
                           audio_features=[a.to(device) for a in audio], qformer_input_ids=qformer or None,
+                          image_layouts=layouts or None,
                           attention_mask=key_valid[:, :T] if padded else None, position_ids=position_ids,
                           cache=CacheState(kv, torch.arange(T, device=device), T), logits_to_keep=1)
         logits = logits[:, -1]

@@ -4,7 +4,8 @@ features packed as transformers' LlavaNextModel packs them.
 An image arrives as its whole-image tile and a rows × cols grid of tiles (processing/llava_next.py). After
 the projector: the whole image's features come first, as they are; the grid's tiles are laid side by side
 into one (rows·side) × (cols·side) feature map, the rows or columns that are only padding are cut off
-(the window the processor wrote into the layout), and a learned `image_newline` vector ends every row.
+(each image's `Layout`, which travels beside the pixels: `OmniModel.forward(..., image_layouts=...)`), and
+a learned `image_newline` vector ends every row.
 """
 
 from __future__ import annotations
@@ -17,6 +18,30 @@ from torch import Tensor, nn
 from tinyomni.errors import InputError
 from tinyomni.model.projector import MultiModalProjector
 from tinyomni.processing.llava_next import Layout
+
+
+def check_layouts(pixel_values: Tensor, layouts: list[Layout] | None) -> list[Layout]:
+    """The layouts of the images whose tiles `pixel_values` [tiles, 3, S, S] holds, in order; an InputError
+    naming what is missing or does not add up (never a silent misread of someone else's tiles)."""
+    if layouts is None:
+        raise InputError("this model (LLaVA-NeXT, image_resize 'anyres') needs each image's layout with its pixel "
+                         "values: image_layouts, one Layout per image (ChatProcessor makes them: "
+                         "Prompt.image_layouts)")
+    if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+        raise InputError(f"LLaVA-NeXT pixel values are [tiles, 3, S, S] (the layouts travel apart, as "
+                         f"image_layouts), got {list(pixel_values.shape)}")
+    if not all(isinstance(layout, Layout) for layout in layouts):
+        raise InputError("image_layouts must be processing.llava_next.Layout values, one per image")
+    for layout in layouts:
+        # A window may be empty (a very wide image on a grid whose rows are an even number of features).
+        window = 0 <= layout.top <= layout.bottom and 0 <= layout.left <= layout.right
+        if layout.rows < 1 or layout.cols < 1 or not window:
+            raise InputError(f"a LLaVA-NeXT image layout with no grid or a reversed window: {layout}")
+    tiles = sum(layout.tiles for layout in layouts)
+    if tiles != pixel_values.shape[0]:
+        raise InputError(f"{pixel_values.shape[0]} tiles of pixel values for LLaVA-NeXT image layouts of {tiles} "
+                         f"tiles ({len(layouts)} image(s)): pass each prompt's image_layouts with its pixel values")
+    return layouts
 
 
 class AnyresProjector(MultiModalProjector):

@@ -8,6 +8,8 @@ projected to the decoder width, and written into the positions of its placeholde
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
@@ -23,6 +25,9 @@ from tinyomni.model.projector import LinearProjector, MultiModalProjector, pixel
 from tinyomni.model.qformer import QFormerConnector
 from tinyomni.model.resampler import ResamplerConnector, split_padding
 from tinyomni.model.vision import VisionEncoder
+
+if TYPE_CHECKING:
+    from tinyomni.processing.llava_next import Layout
 
 
 class OmniModel(nn.Module):
@@ -80,17 +85,22 @@ class OmniModel(nn.Module):
         self.audio_token_id = -1
 
     # --- encoders ----------------------------------------------------------------------------------
-    def encode_images(self, pixel_values: Tensor, qformer_input_ids: list[Tensor] | None = None) -> Tensor:
+    def encode_images(self, pixel_values: Tensor, qformer_input_ids: list[Tensor] | None = None,
+                      image_layouts: list[Layout] | None = None) -> Tensor:
         """[tiles, 3, S, S] → [tiles, tokens_per_tile, decoder_hidden]. An instruction-aware Q-Former also
-        reads each tile's instruction ids (`qformer_input_ids`, one per tile)."""
+        reads each tile's instruction ids (`qformer_input_ids`, one per tile); LLaVA-NeXT needs each image's
+        grid layout (`image_layouts`, one per image) and returns its packed features [tokens, decoder_hidden]."""
         if self.vision_tower is None:
             raise InputError("this model has no vision encoder")
         weight = self.vision_tower.embeddings.patch_embedding.weight
         layouts = None
-        if self.config.image_resize == "anyres":  # LLaVA-NeXT: each image's grid rides in a 4th channel
-            from tinyomni.processing.llava_next import read_layouts
+        if self.config.image_resize == "anyres":  # LLaVA-NeXT: the grids travel beside the pixels
+            from tinyomni.model.anyres import check_layouts
 
-            pixel_values, layouts = read_layouts(pixel_values)
+            layouts = check_layouts(pixel_values, image_layouts)
+        elif image_layouts:
+            raise InputError("this model takes no image layouts (image_layouts): only LLaVA-NeXT "
+                             "(image_resize 'anyres') lays its images out on a grid")
         patch_mask = None
         if self.config.vision_projector.kind == "aria":  # Aria: one tile per image, padded (NaN) bottom-right
             vision = self.config.vision
@@ -127,14 +137,19 @@ class OmniModel(nn.Module):
 
     # --- embeddings --------------------------------------------------------------------------------
     def embed(self, input_ids: Tensor, pixel_values: Tensor | None = None,
-              audio_features: list[Tensor] | None = None, qformer_input_ids: list[Tensor] | None = None) -> Tensor:
+              audio_features: list[Tensor] | None = None, qformer_input_ids: list[Tensor] | None = None,
+              image_layouts: list[Layout] | None = None) -> Tensor:
         """Token embeddings with every media item's embeddings written into its placeholders.
 
         The placeholders of all rows are filled in order: images (all tiles of all rows, row-major),
         then audio clips. A count mismatch is an error, never a silent truncation.
         """
         embeds = self.language_model.embed(input_ids)
-        images = self.encode_images(pixel_values, qformer_input_ids) if pixel_values is not None else None
+        if pixel_values is None and image_layouts:
+            raise InputError("image_layouts without pixel values")
+        images = None
+        if pixel_values is not None:
+            images = self.encode_images(pixel_values, qformer_input_ids, image_layouts)
         embeds = self._scatter(embeds, input_ids, self.image_token_id, "image", images)
         audio = None
         if audio_features:
@@ -168,10 +183,12 @@ class OmniModel(nn.Module):
         cache: CacheState | None = None,
         logits_to_keep: int = 0,
         qformer_input_ids: list[Tensor] | None = None,
+        image_layouts: list[Layout] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """(logits, loss): the loss is next-token cross-entropy over labels != -100. `qformer_input_ids`:
-        each image's instruction in the Q-Former's vocabulary (instruction-aware Q-Formers only)."""
-        embeds = self.embed(input_ids, pixel_values, audio_features, qformer_input_ids)
+        each image's instruction in the Q-Former's vocabulary (instruction-aware Q-Formers only);
+        `image_layouts`: each image's tile grid (LLaVA-NeXT only; `Prompt.image_layouts`)."""
+        embeds = self.embed(input_ids, pixel_values, audio_features, qformer_input_ids, image_layouts)
         return self.language_model(inputs_embeds=embeds, position_ids=position_ids,
                                    attention_mask=attention_mask, cache=cache, labels=labels,
                                    logits_to_keep=logits_to_keep, **self.decoder_inputs(input_ids))

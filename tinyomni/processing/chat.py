@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jinja2 import TemplateError, nodes
@@ -28,6 +28,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tinyomni.config import OmniConfig
 from tinyomni.errors import InputError
 from tinyomni.processing.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from tinyomni.processing.llava_next import Layout
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -53,11 +56,13 @@ class Prompt:
     input_ids: list[int]
     pixel_values: torch.Tensor | None = None  # [tiles, 3, S, S], every image's and frame's tiles in order
     # (image_resize "native": [tiles, 3, H, W], each tile padded at the bottom and right with NaN)
-    # (image_resize "anyres": [tiles, 4, S, S], each image's grid layout in channel 3; processing/llava_next.py)
     tiles_per_image: list[int] = field(default_factory=list)
     audio_features: list[torch.Tensor] = field(default_factory=list)  # each [n_mels, frames]
     # An instruction-aware Q-Former's input (InstructBLIP): per tile, the prompt's text in its own vocabulary.
     qformer_input_ids: list[list[int]] = field(default_factory=list)
+    # image_resize "anyres" (LLaVA-NeXT): per image, its tile grid and the feature window the model keeps
+    # (processing/llava_next.py); OmniModel.forward's `image_layouts`.
+    image_layouts: list[Layout] = field(default_factory=list)
 
 
 @dataclass
@@ -71,6 +76,7 @@ class _Media:
     # frames in order (video_prompt "timestamps" with images_in_template: the template places the video).
     in_video: bool = False
     pieces: list[str | int] = field(default_factory=list)
+    layout: Layout | None = None  # image_resize "anyres": the image's tile grid
 
 
 @dataclass
@@ -272,13 +278,13 @@ class ChatProcessor:
             media.append(_Media("image", tiles, tiles.shape[0] * self.config.image_tokens_per_tile, tiles.shape[0]))
             return len(media) - 1
         if self.config.image_resize == "anyres":  # LLaVA-NeXT: a grid at the best resolution + the whole image
-            from tinyomni.processing.llava_next import preprocess_anyres_image
+            from tinyomni.processing.llava_next import preprocess_anyres_image, token_count
 
-            tiles, tokens = preprocess_anyres_image(
+            tiles, layout = preprocess_anyres_image(
                 source, vision.image_size, vision.grid_size, self.config.image_grid_pinpoints,
-                self.config.image_tokens_per_tile, self.config.image_shortest_edge, mean=vision.image_mean,
-                std=vision.image_std)
-            media.append(_Media("image", tiles, tokens, tiles.shape[0]))
+                self.config.image_shortest_edge, mean=vision.image_mean, std=vision.image_std)
+            media.append(_Media("image", tiles, token_count(layout, self.config.image_tokens_per_tile),
+                                tiles.shape[0], layout=layout))
             return len(media) - 1
         if self.config.image_resize == "aria":  # Aria: the longer side to the tile, padded bottom-right
             from tinyomni.processing.aria import preprocess_aria_image
@@ -561,6 +567,7 @@ class ChatProcessor:
             tiles_per_image=[m.tiles for m in images],
             audio_features=[m.tensor for m in media if m.kind == "audio"],
             qformer_input_ids=[list(instruction) for m in images for _ in range(m.tiles)] if instruction else [],
+            image_layouts=[m.layout for m in images if m.layout is not None],
         )
 
 

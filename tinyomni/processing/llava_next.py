@@ -19,18 +19,18 @@ as one large feature map, with the rows and columns that are only padding cut of
 transformers' `unpad_image`) and `image_newline` after each row. The prompt holds one `<image>` per
 feature: the whole image's tile, plus rows × (columns + 1) for the window (`token_count`).
 
-The layout travels in the pixels. The model needs each image's grid and window, and pixel tensors are all
-that reaches it (batching, serving and training join prompts' pixels as they are), so each tile carries
-them in a fourth channel (`LAYOUT_FIELDS`, in the first row of that channel; zeros elsewhere): pixel
-values are [tiles, 4, S, S], channels 0-2 exactly LlavaNextImageProcessor's. `read_layouts` takes them
-apart again for the model (model/anyres.py).
+Each image's layout travels beside its pixels, not in them: `Prompt.image_layouts` holds one `Layout` per
+image (its grid and the feature window), the way `Prompt.qformer_input_ids` holds InstructBLIP's instruction,
+and generation, serving and training pass it on to `OmniModel.forward(..., image_layouts=...)`. Pixel values
+are [tiles, 3, S, S], exactly LlavaNextImageProcessor's, so nothing that reads, casts or joins them (bf16,
+batching, hashing) can corrupt a layout.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -46,15 +46,12 @@ from tinyomni.processing.image import (
 )
 
 BICUBIC = Image.Resampling.BICUBIC
-# What each tile's fourth channel holds, in its first row: the tile's place in its image (0: the whole
-# image), the image's tile count, its grid (rows, columns of tiles) and the feature window the model keeps
-# of that grid's rows*side × columns*side feature map ([top, bottom) × [left, right)).
-LAYOUT_FIELDS = ("tile", "tiles", "rows", "cols", "top", "bottom", "left", "right")
 
 
 @dataclass(frozen=True)
 class Layout:
-    """One image's tile grid and the feature window kept of it (see LAYOUT_FIELDS)."""
+    """One image's tile grid (rows × cols tiles, after the whole image's) and the feature window the model keeps
+    of that grid's rows·side × cols·side feature map: [top, bottom) × [left, right)."""
 
     rows: int
     cols: int
@@ -113,6 +110,11 @@ def image_layout(width: int, height: int, tile: int, side: int, pinpoints: Seque
     return Layout(rows, cols, *feature_window(height, width, rows * side, cols * side))
 
 
+def most_tiles(tile: int, pinpoints: Sequence[Sequence[int]]) -> int:
+    """The most tiles an image can become: the whole image plus the largest grid of `pinpoints`."""
+    return 1 + max((h // tile) * (w // tile) for h, w in pinpoints)
+
+
 def token_count(layout: Layout, tokens_per_tile: int) -> int:
     """`<image>` tokens for one image: the whole image's tile, then each kept row and its image_newline."""
     return tokens_per_tile + (layout.bottom - layout.top) * (layout.right - layout.left + 1)
@@ -136,48 +138,16 @@ def anyres_tiles(image: Image.Image, tile: int, pinpoints: Sequence[Sequence[int
 
 
 def preprocess_anyres_image(source: ImageSource, tile: int, side: int, pinpoints: Sequence[Sequence[int]],
-                            tokens_per_tile: int, shortest_edge: int | None = None,
-                            mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
-                            max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, int]:
-    """One image → (pixel values [tiles, 4, tile, tile] with its layout in channel 3, its `<image>` tokens).
+                            shortest_edge: int | None = None, mean: Sequence[float] = (0.5, 0.5, 0.5),
+                            std: Sequence[float] = (0.5, 0.5, 0.5),
+                            max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, Layout]:
+    """One image → (pixel values [tiles, 3, tile, tile], its Layout; `token_count` gives its `<image>` tokens).
     `side` is the tower's patch grid side; `shortest_edge` as in `anyres_tiles` (the base image is resized to
     shortest_edge² then, else to tile²)."""
     image = load_image(source, max_pixels=max_pixels)
     base = (shortest_edge, shortest_edge) if shortest_edge is not None else (tile, tile)
     pixels = image_to_tensor(anyres_tiles(image, tile, pinpoints, base, shortest_edge), tile, mean, std)
     layout = image_layout(image.width, image.height, tile, side, pinpoints)
-    return write_layout(pixels, layout), token_count(layout, tokens_per_tile)
-
-
-def write_layout(pixels: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """[tiles, 3, S, S] → [tiles, 4, S, S], the fourth channel holding LAYOUT_FIELDS in its first row."""
-    n, _, height, width = pixels.shape
-    if n != layout.tiles:
-        raise InputError(f"{n} tiles for a layout of {layout.tiles}")
-    if width < len(LAYOUT_FIELDS):
-        raise InputError(f"tiles {width} px wide cannot hold the {len(LAYOUT_FIELDS)} layout values")
-    plane = torch.zeros(n, 1, height, width, dtype=pixels.dtype)
-    values = torch.tensor([[k, n, *astuple(layout)] for k in range(n)], dtype=pixels.dtype)
-    plane[:, 0, 0, : len(LAYOUT_FIELDS)] = values
-    return torch.cat([pixels, plane], dim=1)
-
-
-def read_layouts(pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[Layout]]:
-    """[tiles, 4, S, S] (every image's tiles, in order) → (the pixels [tiles, 3, S, S], each image's Layout).
-    Tiles that do not carry a whole image's layout, in order, are an InputError, never a silent misread."""
-    if pixel_values.dim() != 4 or pixel_values.shape[1] != 4:
-        raise InputError(f"LLaVA-NeXT pixel values are [tiles, 4, S, S] (the layout in channel 3; build them with "
-                         f"ChatProcessor), got {list(pixel_values.shape)}")
-    values = pixel_values[:, 3, 0, : len(LAYOUT_FIELDS)].double().round().long().tolist()
-    layouts, at = [], 0
-    while at < len(values):
-        tile, tiles, *grid = values[at]
-        layout = Layout(*grid)
-        window_ok = 0 <= layout.top <= layout.bottom and 0 <= layout.left <= layout.right
-        if tile != 0 or tiles != layout.tiles or at + tiles > len(values) or not window_ok or any(
-                values[at + k][:2] != [k, tiles] or values[at + k][2:] != grid for k in range(tiles)):
-            raise InputError(f"tile {at} of the pixel values does not start a LLaVA-NeXT image's tiles "
-                             "(their layout channel is not one ChatProcessor wrote)")
-        layouts.append(layout)
-        at += tiles
-    return pixel_values[:, :3], layouts
+    if pixels.shape[0] != layout.tiles:  # the grid cut and the grid counted must agree
+        raise InputError(f"{pixels.shape[0]} tiles for a layout of {layout.tiles}")
+    return pixels, layout

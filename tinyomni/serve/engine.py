@@ -328,7 +328,8 @@ class Engine:
         pixels = prompt.pixel_values.to(device) if prompt.pixel_values is not None else None
         embeds = self.model.model.embed(
             ids, pixel_values=pixels, audio_features=[a.to(device) for a in prompt.audio_features],
-            qformer_input_ids=[torch.tensor(q, device=device) for q in prompt.qformer_input_ids] or None)
+            qformer_input_ids=[torch.tensor(q, device=device) for q in prompt.qformer_input_ids] or None,
+            image_layouts=prompt.image_layouts or None)
         return embeds[0]
 
     def _prefill_rows(self, group: list[tuple[Request, Tensor]], rows: list[int]) -> Tensor:

@@ -24,15 +24,18 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from tinyomni.errors import ConfigError, InputError
-from tinyomni.processing.chat import ChatProcessor, stack_tiles
+from tinyomni.processing.chat import ChatProcessor, Prompt, stack_tiles
 from tinyomni.processing.tokenizer import Tokenizer
 from tinyomni.train.recipe import CHAT_KINDS, DataSpec, StageSpec
+
+if TYPE_CHECKING:
+    from tinyomni.processing.llava_next import Layout
 
 IGNORE = -100
 
@@ -99,6 +102,17 @@ class ChatExample:
     labels: list[int]
     pixel_values: Tensor | None
     audio_features: list[Tensor]
+    # What some connectors read beside the pixels, as the Prompt has them: InstructBLIP's Q-Former ids (per
+    # tile) and LLaVA-NeXT's grid layouts (per image). Training must pass them as inference does, or it
+    # trains another computation than the one served.
+    qformer_input_ids: list[list[int]] = field(default_factory=list)
+    image_layouts: list[Layout] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, index: int, prompt: Prompt, labels: list[int]) -> ChatExample:
+        """Sample `index`: a training Prompt (ChatProcessor.training_example) and its labels."""
+        return cls(index, prompt.input_ids, labels, prompt.pixel_values, prompt.audio_features,
+                   prompt.qformer_input_ids, prompt.image_layouts)
 
     @property
     def length(self) -> int:
@@ -130,7 +144,7 @@ def chat_example(processor: ChatProcessor, stage: StageSpec) -> Callable[[int, d
             seed = f"tinyomni-questions/{stage.data.seed}/{stage.name}/{index}"
             messages += extra_turns(record, stage.data.extra_questions, stage.data.split, seed)
         prompt, labels = processor.training_example(messages, max_tiles=stage.max_tiles)
-        return ChatExample(index, prompt.input_ids, labels, prompt.pixel_values, prompt.audio_features)
+        return ChatExample.of(index, prompt, labels)
 
     return make
 
@@ -206,8 +220,7 @@ def preference_example(processor: ChatProcessor, stage: StageSpec) -> Callable[[
         pair = []
         for answer in (chosen, rejected):  # the media are processed for each (simple; twice the work)
             encoded, labels = processor.training_example(prompt + answer, max_tiles=stage.max_tiles)
-            pair.append(ChatExample(index, encoded.input_ids, last_turn_only(labels), encoded.pixel_values,
-                                    encoded.audio_features))
+            pair.append(ChatExample.of(index, encoded, last_turn_only(labels)))
         return PreferenceExample(index, *pair)
 
     return make
@@ -431,11 +444,19 @@ class ChatBatch:
     audio_features: list[Tensor]
     samples: int
     indices: list[int] = field(default_factory=list)
+    qformer_input_ids: list[Tensor] = field(default_factory=list)  # every row's, tile by tile (InstructBLIP)
+    image_layouts: list[Layout] = field(default_factory=list)  # every row's, image by image (LLaVA-NeXT)
 
     @property
     def target_tokens(self) -> int:
         """Tokens the loss is on (labels are predicted from the previous position)."""
         return int((self.labels[:, 1:] != IGNORE).sum())
+
+    def media_inputs(self) -> dict[str, Any]:
+        """OmniModel.embed's (and forward's) media arguments for this batch: what generation passes for the
+        same prompts, side inputs included."""
+        return {"pixel_values": self.pixel_values, "audio_features": self.audio_features or None,
+                "qformer_input_ids": self.qformer_input_ids or None, "image_layouts": self.image_layouts or None}
 
 
 @dataclass
@@ -459,7 +480,9 @@ def collate_chat(examples: list[ChatExample], pad_id: int) -> ChatBatch:
         labels[i, : e.length] = torch.tensor(e.labels)
     pixels = [e.pixel_values for e in examples if e.pixel_values is not None]
     return ChatBatch(ids, labels, stack_tiles(pixels) if pixels else None,
-                     [a for e in examples for a in e.audio_features], len(examples), [e.index for e in examples])
+                     [a for e in examples for a in e.audio_features], len(examples), [e.index for e in examples],
+                     [torch.tensor(q, dtype=torch.long) for e in examples for q in e.qformer_input_ids],
+                     [layout for e in examples for layout in e.image_layouts])
 
 
 @dataclass

@@ -130,6 +130,7 @@ def distill_example(student: Any, teacher: Any, stage: StageSpec) -> Callable[[i
             raise InputError(f"{record.get('id', index)}: the teacher's and the student's chat templates give "
                              "different answer tokens, so their logits cannot be compared token by token")
         same = (s.input_ids == t.input_ids and _same_tensor(s.pixel_values, t.pixel_values)
+                and s.qformer_input_ids == t.qformer_input_ids and s.image_layouts == t.image_layouts
                 and len(s.audio_features) == len(t.audio_features)
                 and all(torch.equal(a, b) for a, b in zip(s.audio_features, t.audio_features)))
         return DistillExample(index, s, None if same else t)
