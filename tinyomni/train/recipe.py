@@ -4,6 +4,7 @@
     [model]                      # what to start from
     base = "smollm2"             # "smollm2" | a .gguf | a HF dir (new encoders) | a tinyomni checkpoint | "tiny"
     # from = "DIR"               # or a whole model to fine-tune as it is (an InternVL dir, anything load takes)
+    # vision_from = "tinyomni-world"  # a new model whose vision tower (weights and config) is copied from this
     [run]                        # where and how: out dir, checkpoints, logging, precision
     out = "runs/toy"
     [eval]                       # periodic evaluation through the eval harness (every = 0: off)
@@ -56,6 +57,12 @@ class ModelSpec:
     # tinyomni checkpoint, a hub id: anything tinyomni.load takes), in place of `base` and new encoders.
     # The final checkpoint then stores only what training changed, with `base_model` naming this.
     from_: str | None = None
+    # A trained vision tower to start a new model from: its weights and its VisionConfig (image size, patch
+    # size, conv stem, ...) are copied from this model (anything tinyomni.load takes, e.g. "tinyomni-world"),
+    # under a new connector (config.vision_projector) and the `base` decoder. `vision` fields given beside it
+    # override the copied config; a change that alters a weight's shape is an error. So connectors can be
+    # compared over the same tower (docs/training.md, "Connector comparison on the world").
+    vision_from: str | None = None
 
 
 @dataclass
@@ -266,6 +273,8 @@ class Recipe:
         _require(self.run.autocast in ("bfloat16", "none"), "run.autocast must be bfloat16 or none")
         _require(self.run.lora_export in ("adapter", "merged"), "run.lora_export must be adapter or merged")
         _require(self.run.distributed in ("ddp", "fsdp"), "run.distributed must be ddp or fsdp")
+        _require(self.model.vision_from is None or self.model.from_ is None,
+                 "model.vision_from starts a new model's vision tower; a model given by model.from has its own")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

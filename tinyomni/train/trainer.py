@@ -97,20 +97,44 @@ def _starting_model(recipe: Recipe) -> api.Model:
         model.config.base_model = str(local.resolve()) if local.exists() else spec.from_
         return model
     if spec.base == "tiny":
+        if spec.vision_from is not None:
+            raise ConfigError("model.vision_from needs a base decoder to build a new model on, not base = \"tiny\"")
         return api.tiny_random_model(seed=spec.seed)
     path = Path(spec.base).expanduser()
     if path.is_dir() and (path / "config.json").is_file() and api._model_type(path) == "tinyomni":
-        if spec.vision or spec.audio or spec.config:
-            raise ConfigError("model.vision / audio / config apply to new encoders, not to a tinyomni checkpoint")
+        if spec.vision or spec.audio or spec.config or spec.vision_from:
+            raise ConfigError("model.vision / audio / config / vision_from apply to new encoders, not to a "
+                              "tinyomni checkpoint")
         return api.load(path)
     fields = dict(spec.config)
     for name in ("vision_projector", "audio_projector"):
         if name in fields:
             fields[name] = ProjectorConfig(**fields[name])
-    model = api.from_base_decoder(spec.base, vision=VisionConfig(**spec.vision), audio=AudioConfig(**spec.audio),
+    vision, source = dict(spec.vision), None
+    if spec.vision_from is not None:
+        source = api.load(spec.vision_from)
+        if source.model.vision_tower is None:
+            raise ConfigError(f"model.vision_from: {spec.vision_from} has no vision tower")
+        vision = {**dataclasses.asdict(source.config.vision), **vision}  # the tower's config, then the recipe's
+    model = api.from_base_decoder(spec.base, vision=VisionConfig(**vision), audio=AudioConfig(**spec.audio),
                                   seed=spec.seed, **fields)
     OmniConfig.validate(model.config)
+    if source is not None:
+        _copy_vision_tower(source.model.vision_tower, model.model.vision_tower, spec.vision_from)
     return model
+
+
+def _copy_vision_tower(source: nn.Module, target: nn.Module, where: str) -> None:
+    """The source tower's weights and buffers (BatchNorm statistics too) into the new model's, which must
+    have the same tensors and shapes; a ConfigError names those that differ."""
+    theirs, own = source.state_dict(), target.state_dict()
+    differ = sorted(set(theirs) ^ set(own))
+    differ += [f"{k} {tuple(theirs[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(theirs) & set(own))
+               if theirs[k].shape != own[k].shape]
+    if differ:
+        raise ConfigError(f"model.vision_from: the vision tower of {where} does not fit the recipe's (model.vision "
+                          f"changes its shapes): {', '.join(differ[:6])}" + (" ..." if len(differ) > 6 else ""))
+    target.load_state_dict(theirs)
 
 
 class ChatForward(nn.Module):
@@ -132,7 +156,8 @@ class ChatForward(nn.Module):
 
     def forward(self, batch: ChatBatch, per_row: bool = False, logits: bool = False) -> Tensor:
         omni = self.omni
-        embeds = omni.embed(batch.input_ids, batch.pixel_values, batch.audio_features or None)
+        # The media and what travels beside them (Q-Former ids, LLaVA-NeXT layouts), as generation passes them.
+        embeds = omni.embed(batch.input_ids, **batch.media_inputs())
         # Right padding under a causal mask: real tokens never see the pads, so no mask is needed.
         hidden = omni.language_model.hidden_states(embeds, **omni.decoder_inputs(batch.input_ids))
         targets = batch.labels[:, 1:]
