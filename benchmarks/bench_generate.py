@@ -16,6 +16,7 @@ q8_0`, written once under the cache, or --q8-gguf) that tinyomni int8 also runs 
 file against Q4_1; int8 of the Q8_0 file against Q8_0).
 Quantized prompts run prefill's AMX GEMM where the CPU has AMX (the title says which path;
 TINYOMNI_PREFILL=dequantize selects the older dequantize + matmul path for an A/B run).
+Each row runs in a fresh Python process (--same-process: all in this one, the old way).
 Prefill tok/s = prompt tokens / time to the first token; decode tok/s = (new tokens - 1) / time after
 it; each the median of --repeats runs. Ratios are against transformers in the same dtype (llama.cpp's
 against transformers fp32). Weights MB: bytes of weights the engine holds (tied tensors once);
@@ -26,8 +27,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -154,6 +158,51 @@ def median_rates(fn, repeats: int) -> tuple[float, float]:
     return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
+def measure(spec: dict, ids: list[int], new: int, repeats: int) -> dict:
+    """One row: load the engine named by `spec`, time it, return its rates and weight bytes."""
+    from tinyomni.engine import quantize_model
+
+    engine, dtype_name, mode, path = spec["engine"], spec["dtype"], spec.get("mode"), spec.get("path")
+    if engine == "llama.cpp":
+        llm = llama_cpp_model(path, len(ids) + new + 8)
+        if llm is None:
+            return {"missing": "llama-cpp-python is not installed"}
+        import llama_cpp
+
+        rates = median_rates(functools.partial(time_llama_cpp, llm, ids, new), repeats)
+        return {"rates": rates, "bytes": os.path.getsize(path), "version": llama_cpp.__version__}
+    dtype = getattr(torch, dtype_name)
+    if engine == "transformers":
+        theirs = transformers_llama().to(dtype)
+        rates = median_rates(functools.partial(time_transformers, theirs, ids, new), repeats)
+        return {"rates": rates, "bytes": weight_bytes(theirs)}
+    ours = tinyomni.load(path, dtype=dtype)
+    if mode is not None:
+        quantize_model(ours.model, mode)
+    rates = median_rates(functools.partial(time_tinyomni, ours, ids, new), repeats)
+    return {"rates": rates, "bytes": weight_bytes(ours.model.language_model)}
+
+
+def run_row(spec: dict, args: argparse.Namespace, ids: list[int]) -> dict:
+    """`measure` in a fresh Python process (the default), so no engine runs beside another's threads,
+    allocations or thread-pool state: in one process, llama.cpp's OpenMP threads measurably slowed the
+    tinyomni rows measured after it (docs/benchmarks.md)."""
+    if args.same_process:
+        return measure(spec, ids, args.new, args.repeats)
+    command = [sys.executable, __file__, "--row", json.dumps(spec), "--prompt", str(args.prompt), "--new",
+               str(args.new), "--repeats", str(args.repeats), "--clock", args.clock]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"row {spec} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def prompt_ids(n: int) -> list[int]:
+    return torch.randint(100, 40000, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens")
@@ -170,21 +219,29 @@ def main() -> None:
                              "avoids OpenMP waiting on descheduled peers")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall time (default) or this process's CPU time (use with --threads 1 on a busy machine)")
+    parser.add_argument("--same-process", action="store_true",
+                        help="measure every row in this process, one after another (the old way; engines then "
+                             "share thread pools and allocator state)")
+    parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: one row, JSON out
     args = parser.parse_args()
     global clock
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
+    ids = prompt_ids(args.prompt)
+    if args.row is not None:
+        print(json.dumps(measure(json.loads(args.row), ids, args.new, args.repeats)))
+        return
 
     from tinyomni.checkpoints.gguf import smollm2_gguf_path
-    from tinyomni.engine import kernel_path, ops, quantize_model
+    from tinyomni.engine import kernel_path, ops
 
     console = Console(width=170)  # the table is wider than a non-terminal default of 80
-    ids = torch.randint(100, 40000, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     load = os.getloadavg()
     table = Table(title=f"SmolLM2-135M, prompt {args.prompt}, {args.new} new tokens, "
                         f"{torch.get_num_threads()} threads, {args.clock} clock, torch {torch.__version__}, "
                         f"engine {kernel_path()}, prefill {ops.prefill_path()}, "
+                        f"{'one process' if args.same_process else 'a fresh process per row'}, "
                         f"load average {load[0]:.2f} / {load[1]:.2f} at start")
     for column in ("dtype", "engine", "file", "weights MB", "prefill tok/s", "decode tok/s", "decode GB/s",
                    "prefill ×", "decode ×", "prefill vs llama.cpp", "decode vs llama.cpp"):
@@ -208,39 +265,30 @@ def main() -> None:
     if not args.no_llama_cpp:  # first, so every tinyomni row can show its ratio as it is measured
         for kind, path in files.items():
             with console.status(f"llama.cpp {kind}"):
-                llm = llama_cpp_model(path, args.prompt + args.new + 8)
-                if llm is None:
-                    console.print("llama.cpp: llama-cpp-python is not installed, rows skipped")
-                    break
-                import llama_cpp
-
-                peers[kind] = median_rates(functools.partial(time_llama_cpp, llm, ids, args.new), args.repeats)
-                add_row(f"{kind} file", f"llama.cpp {llama_cpp.__version__}", kind, os.path.getsize(path), peers[kind],
-                        "float32", kind)
-                del llm
+                got = run_row({"engine": "llama.cpp", "dtype": "float32", "path": path}, args, ids)
+            if "missing" in got:
+                console.print(f"llama.cpp: {got['missing']}, rows skipped")
+                break
+            peers[kind] = tuple(got["rates"])
+            add_row(f"{kind} file", f"llama.cpp {got['version']}", kind, got["bytes"], peers[kind], "float32", kind)
 
     for dtype_name in args.dtypes:
-        dtype = getattr(torch, dtype_name)
         if not args.no_transformers:
             with console.status(f"transformers {dtype_name}"):
-                theirs = transformers_llama().to(dtype)
-                baseline[dtype_name] = median_rates(functools.partial(time_transformers, theirs, ids, args.new),
-                                                    args.repeats)
-                add_row(dtype_name, "transformers", "dense", weight_bytes(theirs), baseline[dtype_name], dtype_name)
-                del theirs
+                got = run_row({"engine": "transformers", "dtype": dtype_name}, args, ids)
+            baseline[dtype_name] = tuple(got["rates"])
+            add_row(dtype_name, "transformers", "dense", got["bytes"], baseline[dtype_name], dtype_name)
         runs = [(None, "Q4_1"), *((mode, "Q4_1") for mode in args.quantize)]
         if "Q8_0" in files and "int8" in args.quantize:
             runs.append(("int8", "Q8_0"))
         for mode, kind in runs:
             name = "tinyomni" if mode is None else f"tinyomni {mode}"
             with console.status(f"{name} {dtype_name} ({kind} file)"):
-                ours = tinyomni.load("smollm2" if kind == "Q4_1" else files[kind], dtype=dtype)
-                if mode is not None:
-                    quantize_model(ours.model, mode)
-                rates = median_rates(functools.partial(time_tinyomni, ours, ids, args.new), args.repeats)
-                add_row(dtype_name, name, "dense" if mode is None else kind, weight_bytes(ours.model.language_model),
-                        rates, dtype_name, None if mode is None else kind)
-                del ours
+                spec = {"engine": "tinyomni", "dtype": dtype_name, "mode": mode,
+                        "path": "smollm2" if kind == "Q4_1" else files[kind]}
+                got = run_row(spec, args, ids)
+            add_row(dtype_name, name, "dense" if mode is None else kind, got["bytes"], tuple(got["rates"]),
+                    dtype_name, None if mode is None else kind)
     rows.sort(key=lambda r: r[0].endswith("file"))  # llama.cpp rows last, as before
     for dtype_name, engine, file, nbytes, rates, against, peer in rows:
         vs_peer = ("", "") if engine.startswith("llama.cpp") else ratio(rates, peers.get(peer))

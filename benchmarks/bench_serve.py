@@ -8,12 +8,18 @@ continuous batching one decode step serves every client, so the ratio should be 
     python benchmarks/bench_serve.py                      # SmolLM2-135M-Instruct, 8 clients, 32 tokens
     python benchmarks/bench_serve.py --model tiny --clients 4 --tokens 64
     python benchmarks/bench_serve.py --quantize int4      # the quantized engine (its fused decode step, batch > 1)
+    python benchmarks/bench_serve.py --quantize int8 --batched-kernel off   # A/B: VNNI GEMV for batched steps
+
+--batched-kernel off starts the server with TINYOMNI_BATCHED=0, so batched decode steps of a quantized
+model run the VNNI GEMV instead of the AMX int8 batched kernel (engine/kernels/batched); the server
+prints which one it uses.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import os
 import socket
 import statistics
 import subprocess
@@ -26,6 +32,7 @@ import torch
 import uvicorn
 
 from tinyomni.api import load, tiny_random_model
+from tinyomni.engine import ops
 from tinyomni.serve.server import ServerOptions, create_app
 
 TOPICS = ["a lighthouse keeper", "the moon", "a lost robot", "an old library", "a mountain village",
@@ -75,7 +82,7 @@ def serve(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     model = tiny_random_model() if args.model == "tiny" else load(args.model, quantize=args.quantize)
     print(f"model {model.name}: loaded in {time.perf_counter() - t0:.1f} s; "
-          f"torch threads {torch.get_num_threads()}", flush=True)
+          f"torch threads {torch.get_num_threads()}; batched decode: {ops.batched_path()}", flush=True)
     options = ServerOptions(model_name="bench", max_batch=args.clients, max_queue=args.clients,
                             max_context=1024, max_tokens=max(args.tokens, 1))
     uvicorn.run(create_app(model, options), host="127.0.0.1", port=args.serve_port, log_level="warning")
@@ -94,6 +101,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="max_tokens per request")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in the server")
     parser.add_argument("--quantize", choices=["int8", "int4"], default=None, help="serve a quantized model")
+    parser.add_argument("--batched-kernel", choices=["on", "off"], default="on",
+                        help="off: TINYOMNI_BATCHED=0 in the server (batched steps on the VNNI GEMV)")
     parser.add_argument("--serve-port", type=int, default=None, help=argparse.SUPPRESS)  # the child's role
     args = parser.parse_args()
     if args.serve_port:
@@ -105,7 +114,8 @@ def main() -> None:
     child = subprocess.Popen([sys.executable, __file__, "--model", args.model, "--clients", str(args.clients),
                               "--tokens", str(args.tokens), "--serve-port", str(port)]
                              + (["--threads", str(args.threads)] if args.threads else [])
-                             + (["--quantize", args.quantize] if args.quantize else []))
+                             + (["--quantize", args.quantize] if args.quantize else []),
+                             env={**os.environ, **({"TINYOMNI_BATCHED": "0"} if args.batched_kernel == "off" else {})})
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -129,7 +139,8 @@ def main() -> None:
         child.terminate()
         child.wait(timeout=30)
 
-    print(f"\n{args.clients} requests x {args.tokens} tokens, {args.quantize or 'float'} weights "
+    batched = f", batched kernel {args.batched_kernel}" if args.quantize else ""
+    print(f"\n{args.clients} requests x {args.tokens} tokens, {args.quantize or 'float'} weights{batched} "
           "(greedy, streaming, openai client over loopback, server in its own process)\n")
     print(f"{'mode':<18}{'tokens':>8}{'steps':>7}{'prefills':>10}{'seconds':>9}{'tok/s':>8}{'mean TTFT s':>13}"
           f"{'mean latency s':>16}")

@@ -6,7 +6,11 @@
 SmolLM2-135M, a 128-token prefill, then 10 × 5 decode steps around position 140; each figure the best
 of 5 batches, in this process's CPU time (a loaded machine inflates it far less than wall time).
 "The linears alone" calls every quantized linear of the model once on a random row (the per-call
-Python cost included); "rest" = step - linears: norms, rotary, cache writes, attention, Python.
+Python cost included, so with the fused step on it can exceed the step); "rest" = step - linears:
+norms, rotary, cache writes, attention, Python. With the fused step on, the C++ call alone (all 30
+layers: their linears, attention, norms) is timed too, and "outside it" = step - that call - LM head:
+the embedding lookup, rotary tables, final norm and Python around them. Use 1 thread: with more,
+process CPU time also counts OpenMP's workers spinning while they wait for the next parallel part.
 """
 
 from __future__ import annotations
@@ -61,12 +65,20 @@ def main() -> None:
         alone = best_ms(lambda: [m(x) for m, x in zip(linears, inputs)], per_batch=1)
         head_x = torch.randn(1, 1, decoder.lm_head.in_features, dtype=dtype)
         head = best_ms(lambda: decoder.lm_head(head_x))
-    step_fn = decoder.decode_step
-    on = step_fn is not None and not step_fn.why_not() and fused.enabled()
+        step_fn = decoder.decode_step
+        on = step_fn is not None and not step_fn.why_not() and fused.enabled()
+        stack_ms = None
+        if on:
+            x = decoder.embed(token)
+            cos, sin = decoder.model.rotary_emb(torch.tensor([[140]]), dtype)
+            cache = CacheState(kv, torch.tensor([140]), 141)
+            stack_ms = best_ms(lambda: step_fn(x, cos, sin, None, cache))
     print(f"{args.mode}, {args.dtype}, {args.threads} thread(s), fused step {'on' if on else 'off'} "
           f"({fused.ENABLE_ENV}=0 turns it off), CPU ms per token:")
     print(f"  whole step {whole:.2f} ({1e3 / whole:.1f} tok/s); {len(linears)} linears alone {alone:.2f} "
           f"(LM head {head:.2f}); rest {whole - alone:.2f}")
+    if stack_ms is not None:
+        print(f"  the fused C++ call {stack_ms:.2f}, LM head {head:.2f}, outside them {whole - stack_ms - head:.2f}")
 
 
 if __name__ == "__main__":

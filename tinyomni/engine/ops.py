@@ -4,6 +4,8 @@
 at run time (tests, debugging), as the environment variable TINYOMNI_ENGINE=reference does at start.
 `prefill_path()` says how prompts (more than 16 rows) run: the AMX GEMM where the CPU has AMX, else
 dequantize + matmul; `use_gemm(False)` (or TINYOMNI_PREFILL=dequantize) picks the latter.
+`batched_path()` says how batched decode steps (2..16 rows) run: AMX int8 tiles where the CPU has
+AMX-INT8, else the VNNI GEMV; `use_batched(False)` (or TINYOMNI_BATCHED=0) picks the latter.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ _extension, _reason = load_extension()
 _forced_reference = False
 PREFILL_ENV = "TINYOMNI_PREFILL"  # "dequantize" turns prefill's AMX GEMM off (see use_gemm)
 _gemm_enabled = os.environ.get(PREFILL_ENV, "").lower() != "dequantize"
+BATCHED_ENV = "TINYOMNI_BATCHED"  # "0" turns the AMX batched decode kernel off (see use_batched)
+_batched_enabled = os.environ.get(BATCHED_ENV, "") != "0"
 
 # The callables QuantLinear.forward uses; rebound by use_reference(). Eager calls go straight to the
 # pybind11 functions (the least per-call overhead); compiled graphs use torch.ops.tinyomni.*.
@@ -82,6 +86,27 @@ def use_gemm(flag: bool = True) -> None:
         _extension.set_gemm_enabled(flag)
 
 
+def batched_path() -> str:
+    """How quantized linears run 2..16 rows (batched decode steps): "amx-int8" (kernels/batched, one
+    tile product per block for all rows, the GEMV's results) or "vnni-gemv (why)"."""
+    if not using_extension():
+        return f"vnni-gemv ({kernel_path()})"
+    if not _extension.batched_supported():
+        return "vnni-gemv (this CPU lacks AMX-INT8, or Linux refused tile data)"
+    if not _batched_enabled:
+        return f"vnni-gemv (use_batched(False) or {BATCHED_ENV}=0)"
+    return "amx-int8"
+
+
+def use_batched(flag: bool = True) -> None:
+    """Switch the AMX batched decode kernel on (default where supported) or off (the VNNI GEMV for
+    every row count), as TINYOMNI_BATCHED=0 does at start; the results are the same either way."""
+    global _batched_enabled
+    _batched_enabled = flag
+    if _extension is not None:
+        _extension.set_batched_enabled(flag)
+
+
 def extension():
     """The loaded C++ module (None when unavailable), for tests that call the kernels directly."""
     return _extension
@@ -94,8 +119,9 @@ if _extension is not None:
         return x.new_empty(*x.shape[:-1], out_features)
 
     @torch.library.register_fake("tinyomni::int8_linear")
-    def _int8_fake(x, qweight, scales, bias, in_features, out_features, passes):
+    def _int8_fake(x, qweight, scales, mins, bias, in_features, out_features, passes):
         return x.new_empty(*x.shape[:-1], out_features)
 
 _bind()
 use_gemm(_gemm_enabled)
+use_batched(_batched_enabled)

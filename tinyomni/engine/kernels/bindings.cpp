@@ -15,6 +15,10 @@ at::Tensor int8_linear(const at::Tensor&, const at::Tensor&, const at::Tensor&, 
 at::Tensor int8_dequantize(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, at::ScalarType);
 at::Tensor gemm_linear(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                        const std::optional<at::Tensor>&, int64_t, int64_t, int64_t);
+bool batched_supported();
+void set_batched_enabled(bool);
+at::Tensor batched_linear(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                          const std::optional<at::Tensor>&, int64_t, int64_t, int64_t, int64_t);
 }  // namespace tinyomni
 
 namespace {
@@ -39,6 +43,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_supported", &tinyomni::gemm_supported);  // prefill's AMX GEMM (gemm/gemm.cpp)
   m.def("set_gemm_enabled", &tinyomni::set_gemm_enabled);
   m.def("gemm_linear", &tinyomni::gemm_linear);
+  m.def("batched_supported", &tinyomni::batched_supported);  // batched decode on AMX int8 (batched/)
+  m.def("set_batched_enabled", &tinyomni::set_batched_enabled);
+  m.def("batched_linear", &tinyomni::batched_linear);
   pybind11::class_<tinyomni::DecodeStack>(m, "DecodeStack")
       .def(pybind11::init<const std::vector<at::Tensor>&, const std::vector<at::Tensor>&,
                           const std::vector<std::optional<at::Tensor>>&, const std::vector<int64_t>&, int64_t, int64_t,

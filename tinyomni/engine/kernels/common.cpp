@@ -105,6 +105,21 @@ Q8Activations& quantize_activations(const float* x, int64_t M, int64_t K, int64_
   return act;
 }
 
+void check_packed(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins, int64_t in_features,
+                  int64_t out_features, int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, got ", bits);
+  const int64_t nb = (in_features + QK - 1) / QK, groups = (out_features + ROWS - 1) / ROWS;
+  const int64_t width = bits == 4 ? 256 : 512;
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous() && qweight.dim() == 2 &&
+                  qweight.size(0) == groups && qweight.size(1) == nb * width,
+              "int", bits, " qweight must be a contiguous uint8 [", groups, ", ", nb * width, "] tensor (packed rows)");
+  for (const at::Tensor* t : {&scales, &mins}) {
+    TORCH_CHECK(is_half_bits(*t) && t->is_contiguous() && t->numel() == groups * nb * ROWS,
+                "scales and mins must be contiguous float16 (or int16 holding float16 bits) [", groups, ", ",
+                nb * ROWS, "]");
+  }
+}
+
 at::Tensor as_matrix(const at::Tensor& x, int64_t in_features) {
   TORCH_CHECK(x.device().is_cpu(), "tinyomni quantized kernels run on CPU tensors");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,

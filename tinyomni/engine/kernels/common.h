@@ -61,6 +61,18 @@ void int4_gemv(const uint8_t* qw, const at::Half* scales, const at::Half* mins, 
 void int8_gemv(const uint8_t* qw, const at::Half* scales, const at::Half* mins, int64_t nb, const Q8Activations& act,
                int64_t M, int64_t begin, int64_t end, float* result, int64_t N);
 
+// Batched decode on AMX int8 tiles (batched/batched.cpp): the same results as int4_gemv/int8_gemv
+// (bit for bit) for 1..16 rows, with one tile product per block of 16 weight rows x 32 inputs for all
+// rows together. The GEMVs hand 2..16 rows to it when batched_available() (AMX-TILE and AMX-INT8
+// present, the OS granted tile data, not switched off by set_batched_enabled(false)).
+bool batched_supported();
+bool batched_available();
+void set_batched_enabled(bool flag);
+void int4_batched_gemv(const uint8_t* qw, const at::Half* scales, const at::Half* mins, int64_t nb,
+                       const Q8Activations& act, int64_t M, int64_t begin, int64_t end, float* result, int64_t N);
+void int8_batched_gemv(const uint8_t* qw, const at::Half* scales, const at::Half* mins, int64_t nb,
+                       const Q8Activations& act, int64_t M, int64_t begin, int64_t end, float* result, int64_t N);
+
 // Prefill's GEMM on AMX bf16 tiles (gemm/gemm.cpp): x2d [M, K] contiguous fp32/bf16 against one packed
 // weight of `bits` 4 or 8 (already checked by the caller), result [M, N] in x2d's dtype; the float
 // path's arithmetic (no activation quantization, so no `passes`). Only call it
@@ -72,6 +84,11 @@ void set_gemm_enabled(bool flag);
 at::Tensor quantized_gemm(const at::Tensor& x2d, const at::Tensor& qweight, const at::Tensor& scales,
                           const at::Tensor& mins, const std::optional<at::Tensor>& bias, int64_t out_features,
                           int64_t bits);
+
+// Checks one packed int4 (`bits` 4) or int8 weight: qweight [groups, blocks*256|512] uint8, scales and
+// mins fp16 bits [groups, blocks*16]; a clear error naming the tensor otherwise (the direct entry points).
+void check_packed(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins, int64_t in_features,
+                  int64_t out_features, int64_t bits);
 
 // Shape checks shared by both kernels; returns x as a contiguous [M, K] matrix.
 at::Tensor as_matrix(const at::Tensor& x, int64_t in_features);

@@ -1,8 +1,11 @@
 // The fused one-token decode step (see decode.h for what and why).
 #include "decode.h"
 
+#include <omp.h>
+
 #include <cmath>
 #include <limits>
+#include <utility>
 
 namespace tinyomni {
 
@@ -31,6 +34,76 @@ inline __m512 load16(const at::BFloat16* p, int64_t n) {
   const __m256i raw = n >= 16 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
                               : _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// The mask of the first n lanes (all 16 when n >= 16): loads and stores of a row's tail.
+inline __mmask16 first(int64_t n) { return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1); }
+
+// Round each lane to bfloat16, nearest even, kept as a float: c10::BFloat16's rounding for the finite
+// values activations are, 16 at a time.
+inline __m512 round_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+template <bool BF>
+inline __m512 RV(__m512 v) {
+  return BF ? round_bf16(v) : v;
+}
+
+// e^x in 16 lanes, to about 1 ulp (PyTorch's own vectorised exp differs from std::exp as much):
+// x = n ln2 + r with |r| <= ln2/2, e^r by its degree-7 Taylor polynomial (truncation < 1e-8
+// relative), times 2^n by scalef. Inputs are clamped to [-120, 89]: e^-120 is 0 in float, as
+// e^-inf must be (masked scores), and e^89 overflows to inf, as std::exp's does.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-120.0f)), _mm512_set1_ps(89.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 in two parts, so r is exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// silu(g) * u into h, n values, rounded where the eager MLP stores (silu's output, the product).
+// Vectorised: SmolLM2's 1536 values took 3.8 µs with scalar std::exp, 0.5 µs so (1 thread); with
+// the softmax's ~1300 exps a layer that was ~0.2 ms of serial work in every 30-layer step.
+template <bool BF>
+void silu_mul(const float* g, const float* u, int64_t n, float* h) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = first(n - i);
+    const __m512 gi = _mm512_maskz_loadu_ps(k, g + i), ui = _mm512_maskz_loadu_ps(k, u + i);
+    const __m512 s = RV<BF>(_mm512_div_ps(gi, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), gi)))));
+    _mm512_mask_storeu_ps(h + i, k, RV<BF>(_mm512_mul_ps(s, ui)));
+  }
+}
+
+// Softmax over s[0, n) in float, in place, the probabilities rounded to the activation dtype.
+template <bool BF>
+void softmax(float* s, int64_t n) {
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t t = 0; t < n; t += 16) mx = _mm512_mask_max_ps(mx, first(n - t), mx, _mm512_maskz_loadu_ps(first(n - t), s + t));
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 k = first(n - t);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + t), m));
+    sum = _mm512_mask_add_ps(sum, k, sum, e);
+    _mm512_mask_storeu_ps(s + t, k, e);
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 k = first(n - t);
+    _mm512_mask_storeu_ps(s + t, k, RV<BF>(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + t), inv)));
+  }
 }
 
 void gemv_one(const PackedLinear& w, const Q8Activations& act, int64_t M, int64_t begin, int64_t end, float* out) {
@@ -64,31 +137,35 @@ void epilogue(const PackedLinear& w, const float* a, int64_t M, int64_t j0, int6
   }
 }
 
-// out_i = act · W_i^T (+ bias_i) (+ LoRA_i(x)) for up to three weights that share one input x
-// (`act` is x quantized): one parallel region over all their row groups, so each thread gets an
-// even share of the whole layer part, and finishes its rows there. An adapter's A x (rank * in
-// multiply-adds a row, small) is computed before the region into `lora` (M * max_rank per weight).
+// Thread tid's share [begin, end) of n items cut into nt runs of a multiple of `grain` items.
+inline std::pair<int64_t, int64_t> share(int64_t n, int64_t grain, int tid, int nt) {
+  int64_t per = (n + nt - 1) / nt;
+  per = (per + grain - 1) / grain * grain;
+  const int64_t begin = std::min(n, tid * per);
+  return {begin, std::min(n, begin + per)};
+}
+
+// This thread's share of out_i = act · W_i^T (+ bias_i) (+ LoRA_i(x)) for up to three weights that
+// share one input x (`act` is x quantized): the row groups of all of them cut evenly, so each thread
+// gets an even part of the whole layer part, and finishes its rows there (no barrier inside). An
+// adapter's A x (rank * in multiply-adds a row, small) is computed by every thread into its own
+// `lora` (M * max_rank per weight), which saves a barrier.
 template <bool BF>
-void gemv(const float* x, const Q8Activations& act, int64_t M, int n, const PackedLinear* const* ws,
-          float* const* outs, float* lora, int64_t max_rank) {
+void gemv_share(const float* x, const Q8Activations& act, int64_t M, int n, const PackedLinear* const* ws,
+                float* const* outs, float* lora, int64_t max_rank, int tid, int nt) {
   int64_t offsets[4] = {0, 0, 0, 0};
   for (int i = 0; i < n; ++i) offsets[i + 1] = offsets[i] + ws[i]->groups;
+  const auto [begin, end] = share(offsets[n], GROUP_GRAIN, tid, nt);
   for (int i = 0; i < n; ++i) {
+    const int64_t lo = std::max(begin, offsets[i]), hi = std::min(end, offsets[i + 1]);
+    if (lo >= hi) continue;
     const PackedLinear& w = *ws[i];
+    float* a = lora + i * M * max_rank;
     for (int64_t m = 0; w.lora_a && m < M; ++m)
-      for (int64_t r = 0; r < w.rank; ++r)
-        lora[i * M * max_rank + m * w.rank + r] = R<BF>(dot(w.lora_a + r * w.in, x + m * w.in, w.in));
+      for (int64_t r = 0; r < w.rank; ++r) a[m * w.rank + r] = R<BF>(dot(w.lora_a + r * w.in, x + m * w.in, w.in));
+    gemv_one(w, act, M, lo - offsets[i], hi - offsets[i], outs[i]);
+    epilogue<BF>(w, a, M, (lo - offsets[i]) * ROWS, std::min((hi - offsets[i]) * ROWS, w.out), outs[i]);
   }
-  at::parallel_for(0, offsets[n], GROUP_GRAIN, [&](int64_t begin, int64_t end) {
-    for (int i = 0; i < n; ++i) {
-      const int64_t lo = std::max(begin, offsets[i]), hi = std::min(end, offsets[i + 1]);
-      if (lo >= hi) continue;
-      const PackedLinear& w = *ws[i];
-      gemv_one(w, act, M, lo - offsets[i], hi - offsets[i], outs[i]);
-      epilogue<BF>(w, lora + i * M * max_rank, M, (lo - offsets[i]) * ROWS, std::min((hi - offsets[i]) * ROWS, w.out),
-                   outs[i]);
-    }
-  });
 }
 
 // RMSNorm as model/decoder.py: normalise in float, cast to the activation dtype, times the weight.
@@ -96,8 +173,12 @@ template <bool BF>
 void rms_norm(const float* x, const float* weight, int64_t B, int64_t D, float eps, float* out) {
   for (int64_t b = 0; b < B; ++b) {
     const float* row = x + b * D;
-    float ss = 0.0f;
-    for (int64_t i = 0; i < D; ++i) ss += row[i] * row[i];
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < D; i += 16) {
+      const __m512 v = _mm512_maskz_loadu_ps(first(D - i), row + i);
+      acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    const float ss = _mm512_reduce_add_ps(acc);
     const float scale = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
     for (int64_t i = 0; i < D; ++i) out[b * D + i] = R<BF>(weight[i] * R<BF>(row[i] * scale));
   }
@@ -248,7 +329,6 @@ at::Tensor DecodeStack::forward(const at::Tensor& x, const at::Tensor& cos, cons
 
   const int64_t qdim = heads_ * head_dim_, kvdim = kv_heads_ * head_dim_;
   x_.resize(B * hidden_);
-  h_.resize(B * std::max(hidden_, inter_));
   q_.resize(B * qdim);
   k_.resize(B * kvdim);
   v_.resize(B * kvdim);
@@ -256,18 +336,28 @@ at::Tensor DecodeStack::forward(const at::Tensor& x, const at::Tensor& cos, cons
   o_.resize(B * hidden_);
   g_.resize(B * inter_);
   u_.resize(B * inter_);
-  scores_.resize((heads_ / kv_heads_) * kv_len);
-  lora_.resize(3 * B * max_rank_);
+  // One thread when called from inside another parallel region (nested regions would oversubscribe).
+  const int nt = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+  if (static_cast<int>(scratch_.size()) < nt) scratch_.resize(nt);
+  for (int t = 0; t < nt; ++t) {
+    Scratch& own = scratch_[t];
+    own.x.resize(B * hidden_);
+    own.h.resize(B * std::max(hidden_, inter_));
+    own.lora.resize(3 * B * max_rank_);
+    own.scores.resize(kv_len);
+    own.qr.resize(head_dim_);
+    own.kr.resize(head_dim_);
+  }
   at::Tensor xin = x.contiguous();
   if (dtype_ == at::kBFloat16) {
     const at::BFloat16* p = xin.data_ptr<at::BFloat16>();
     for (int64_t i = 0; i < B * hidden_; ++i) x_[i] = static_cast<float>(p[i]);
     run<true>(B, c.data_ptr<at::BFloat16>(), s.data_ptr<at::BFloat16>(), k_cache.data_ptr<at::BFloat16>(),
-              v_cache.data_ptr<at::BFloat16>(), slot, row, cache_rows, max_len, kv_len, valid);
+              v_cache.data_ptr<at::BFloat16>(), slot, row, cache_rows, max_len, kv_len, valid, nt);
   } else {
     std::memcpy(x_.data(), xin.data_ptr<float>(), B * hidden_ * sizeof(float));
     run<false>(B, c.data_ptr<float>(), s.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-               slot, row, cache_rows, max_len, kv_len, valid);
+               slot, row, cache_rows, max_len, kv_len, valid, nt);
   }
   at::Tensor out = at::empty({B, 1, hidden_}, x.options());
   if (dtype_ == at::kBFloat16) {
@@ -279,115 +369,133 @@ at::Tensor DecodeStack::forward(const at::Tensor& x, const at::Tensor& cos, cons
   return out;
 }
 
+// Single-query attention of query head j of batch row b (one thread's unit): rotary on this step's
+// query and key, the key and value written into the cache at the row's slot (by the first query head
+// of each KV head), scores over the cache, softmax, the weighted sum of values into out [hd]. This
+// step's own key and value are taken from `kr` and `vnew`, not read back from the cache, so that no
+// unit waits for another's cache write.
+template <bool BF, typename T>
+void attend(const float* q, const float* k, const float* vnew, const T* cos, const T* sin, T* keys, T* values,
+            int64_t hd, int64_t slot, int64_t kv_len, const bool* valid, bool write, float inv_sqrt, float* qr,
+            float* kr, float* s, float* out) {
+  std::memcpy(qr, q, hd * sizeof(float));
+  std::memcpy(kr, k, hd * sizeof(float));
+  rope<BF>(qr, 1, hd, cos, sin);
+  rope<BF>(kr, 1, hd, cos, sin);
+  if (write) {
+    for (int64_t i = 0; i < hd; ++i) {
+      keys[slot * hd + i] = from_float<T>(kr[i]);
+      values[slot * hd + i] = from_float<T>(vnew[i]);
+    }
+  }
+  for (int64_t t = 0; t < kv_len; ++t) {
+    if (valid && !valid[t] && t != slot) {
+      s[t] = -std::numeric_limits<float>::infinity();
+      continue;
+    }
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < hd; c += 16) {
+      const __m512 kv = t == slot ? load16(kr + c, hd - c) : load16(keys + t * hd + c, hd - c);
+      acc = _mm512_fmadd_ps(load16(qr + c, hd - c), kv, acc);
+    }
+    s[t] = R<BF>(_mm512_reduce_add_ps(acc)) * inv_sqrt;
+  }
+  // A row's own slot past key_valid is causal-masked in the eager path only when key_valid is given
+  // (then slots after this row's are never valid); softmax in float.
+  if (valid)
+    for (int64_t t = slot + 1; t < kv_len; ++t) s[t] = -std::numeric_limits<float>::infinity();
+  softmax<BF>(s, kv_len);
+  // Four 16-value columns at a time: four independent accumulation chains per key row.
+  for (int64_t c0 = 0; c0 < hd; c0 += 64) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const int64_t cn = std::min<int64_t>(4, (hd - c0 + 15) / 16);
+    for (int64_t t = 0; t < kv_len; ++t) {
+      const __m512 p = _mm512_set1_ps(s[t]);
+      for (int64_t c = 0; c < cn; ++c) {
+        const int64_t at = c0 + 16 * c;
+        const __m512 vt = t == slot ? load16(vnew + at, hd - at) : load16(values + t * hd + at, hd - at);
+        acc[c] = _mm512_fmadd_ps(p, vt, acc[c]);
+      }
+    }
+    for (int64_t c = 0; c < cn; ++c) {
+      const int64_t at = c0 + 16 * c;
+      _mm512_mask_storeu_ps(out + at, first(hd - at), RV<BF>(acc[c]));
+    }
+  }
+}
+
+// The whole step runs in one parallel region: every thread keeps its own copy of the residual
+// stream and recomputes the cheap per-row work (norms, activation quantization, residual sums,
+// SwiGLU: a few µs a layer) rather than waiting for one thread to do it, and the threads meet only
+// where one's output feeds another: after each matrix-vector part and after attention (5 barriers a
+// layer, against the 4 parallel regions and the serial work between them that one layer cost
+// before). Attention is cut by (batch row, query head).
 template <bool BF, typename T>
 void DecodeStack::run(int64_t B, const T* cos, const T* sin, T* kc, T* vc, const int64_t* slots, const int64_t* rows,
-                      int64_t cache_rows, int64_t max_len, int64_t kv_len, const bool* key_valid) {
+                      int64_t cache_rows, int64_t max_len, int64_t kv_len, const bool* key_valid, int threads) {
   const int64_t hd = head_dim_, qdim = heads_ * hd, kvdim = kv_heads_ * hd, group = heads_ / kv_heads_;
   const float inv_sqrt = 1.0f / std::sqrt(static_cast<float>(hd));
-  const int64_t chunks = (hd + 15) / 16;
-  for (int64_t l = 0; l < layers_; ++l) {
-    const PackedLinear* w = &linears_[l * PER_LAYER];
-    // Attention: norm, q/k/v in one region, rotary, cache write.
-    rms_norm<BF>(x_.data(), norms_[2 * l].data(), B, hidden_, eps_, h_.data());
-    {
-      const Q8Activations& act = quantize_activations(h_.data(), B, hidden_, w[Q].blocks, passes_);
-      const PackedLinear* ws[3] = {&w[Q], &w[K], &w[V]};
-      float* outs[3] = {q_.data(), k_.data(), v_.data()};
-      gemv<BF>(h_.data(), act, B, 3, ws, outs, lora_.data(), max_rank_);
-    }
-    for (int64_t b = 0; b < B; ++b) {
-      rope<BF>(q_.data() + b * qdim, heads_, hd, cos + b * hd, sin + b * hd);
-      rope<BF>(k_.data() + b * kvdim, kv_heads_, hd, cos + b * hd, sin + b * hd);
-      const int64_t r = rows ? rows[b] : b;
-      for (int64_t g = 0; g < kv_heads_; ++g) {
-        const int64_t at = (((l * cache_rows + r) * kv_heads_ + g) * max_len + slots[b]) * hd;
-        for (int64_t i = 0; i < hd; ++i) {
-          kc[at + i] = from_float<T>(k_[b * kvdim + g * hd + i]);
-          vc[at + i] = from_float<T>(v_[b * kvdim + g * hd + i]);
+#pragma omp parallel num_threads(threads)
+  {
+    // The threads the region got (at most `threads`, whose scratch exists): what the shares divide by.
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    Scratch& own = scratch_[tid];
+    float* x = own.x.data();
+    float* h = own.h.data();
+    float* lora = own.lora.data();
+    std::memcpy(x, x_.data(), B * hidden_ * sizeof(float));
+    for (int64_t l = 0; l < layers_; ++l) {
+      const PackedLinear* w = &linears_[l * PER_LAYER];
+      // Attention: norm, q/k/v, then (batch row, query head) units.
+      rms_norm<BF>(x, norms_[2 * l].data(), B, hidden_, eps_, h);
+      {
+        const Q8Activations& act = quantize_activations(h, B, hidden_, w[Q].blocks, passes_);
+        const PackedLinear* ws[3] = {&w[Q], &w[K], &w[V]};
+        float* outs[3] = {q_.data(), k_.data(), v_.data()};
+        gemv_share<BF>(h, act, B, 3, ws, outs, lora, max_rank_, tid, nt);
+      }
+#pragma omp barrier
+      {
+        const auto [begin, end] = share(B * heads_, 1, tid, nt);
+        for (int64_t unit = begin; unit < end; ++unit) {
+          const int64_t b = unit / heads_, j = unit % heads_, g = j / group;
+          const int64_t r = rows ? rows[b] : b;
+          const int64_t base = ((l * cache_rows + r) * kv_heads_ + g) * max_len * hd;
+          attend<BF, T>(q_.data() + b * qdim + j * hd, k_.data() + b * kvdim + g * hd, v_.data() + b * kvdim + g * hd,
+                        cos + b * hd, sin + b * hd, kc + base, vc + base, hd, slots[b], kv_len,
+                        key_valid ? key_valid + b * kv_len : nullptr, j % group == 0, inv_sqrt, own.qr.data(),
+                        own.kr.data(), own.scores.data(), att_.data() + b * qdim + j * hd);
         }
       }
-    }
-    // Single-query attention, the query heads of one KV head together (each key row read once).
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t r = rows ? rows[b] : b;
-      const bool* valid = key_valid ? key_valid + b * kv_len : nullptr;
-      for (int64_t g = 0; g < kv_heads_; ++g) {
-        const T* keys = kc + ((l * cache_rows + r) * kv_heads_ + g) * max_len * hd;
-        const T* values = vc + ((l * cache_rows + r) * kv_heads_ + g) * max_len * hd;
-        const float* qg = q_.data() + b * qdim + g * group * hd;
-        float* out = att_.data() + b * qdim + g * group * hd;
-        for (int64_t j = 0; j < group; ++j) {
-          float* s = scores_.data() + j * kv_len;
-          for (int64_t t = 0; t < kv_len; ++t) {
-            if (valid && !valid[t] && t != slots[b]) {
-              s[t] = -std::numeric_limits<float>::infinity();
-              continue;
-            }
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t c = 0; c < chunks; ++c) {
-              const int64_t left = std::min<int64_t>(16, hd - 16 * c);
-              acc = _mm512_fmadd_ps(load16(qg + j * hd + 16 * c, left), load16(keys + t * hd + 16 * c, left), acc);
-            }
-            s[t] = R<BF>(_mm512_reduce_add_ps(acc)) * inv_sqrt;
-          }
-          // A row's own slot past key_valid is causal-masked in the eager path only when key_valid is
-          // given (then slots after this row's are never valid); softmax in float.
-          if (valid)
-            for (int64_t t = slots[b] + 1; t < kv_len; ++t) s[t] = -std::numeric_limits<float>::infinity();
-          float mx = -std::numeric_limits<float>::infinity();
-          for (int64_t t = 0; t < kv_len; ++t) mx = std::max(mx, s[t]);
-          float sum = 0.0f;
-          for (int64_t t = 0; t < kv_len; ++t) {
-            s[t] = std::exp(s[t] - mx);
-            sum += s[t];
-          }
-          const float inv = 1.0f / sum;
-          for (int64_t t = 0; t < kv_len; ++t) s[t] = R<BF>(s[t] * inv);
-        }
-        for (int64_t c = 0; c < chunks; ++c) {
-          const int64_t left = std::min<int64_t>(16, hd - 16 * c);
-          __m512 acc[64];
-          const int64_t jn = std::min<int64_t>(group, 64);
-          for (int64_t j = 0; j < jn; ++j) acc[j] = _mm512_setzero_ps();
-          for (int64_t t = 0; t < kv_len; ++t) {
-            const __m512 vt = load16(values + t * hd + 16 * c, left);
-            for (int64_t j = 0; j < jn; ++j)
-              acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(scores_[j * kv_len + t]), vt, acc[j]);
-          }
-          for (int64_t j = 0; j < jn; ++j) {
-            float tmp[16];
-            _mm512_storeu_ps(tmp, acc[j]);
-            for (int64_t i = 0; i < left; ++i) out[j * hd + 16 * c + i] = R<BF>(tmp[i]);
-          }
-        }
+#pragma omp barrier
+      {
+        const Q8Activations& act = quantize_activations(att_.data(), B, qdim, w[O].blocks, passes_);
+        const PackedLinear* ws[1] = {&w[O]};
+        float* outs[1] = {o_.data()};
+        gemv_share<BF>(att_.data(), act, B, 1, ws, outs, lora, max_rank_, tid, nt);
       }
+#pragma omp barrier
+      for (int64_t i = 0; i < B * hidden_; ++i) x[i] = R<BF>(x[i] + o_[i]);
+      // MLP: norm, gate/up, silu(gate) * up, down.
+      rms_norm<BF>(x, norms_[2 * l + 1].data(), B, hidden_, eps_, h);
+      {
+        const Q8Activations& act = quantize_activations(h, B, hidden_, w[GATE].blocks, passes_);
+        const PackedLinear* ws[2] = {&w[GATE], &w[UP]};
+        float* outs[2] = {g_.data(), u_.data()};
+        gemv_share<BF>(h, act, B, 2, ws, outs, lora, max_rank_, tid, nt);
+      }
+#pragma omp barrier
+      silu_mul<BF>(g_.data(), u_.data(), B * inter_, h);
+      {
+        const Q8Activations& act = quantize_activations(h, B, inter_, w[DOWN].blocks, passes_);
+        const PackedLinear* ws[1] = {&w[DOWN]};
+        float* outs[1] = {o_.data()};
+        gemv_share<BF>(h, act, B, 1, ws, outs, lora, max_rank_, tid, nt);
+      }
+#pragma omp barrier
+      for (int64_t i = 0; i < B * hidden_; ++i) x[i] = R<BF>(x[i] + o_[i]);
     }
-    {
-      const Q8Activations& act = quantize_activations(att_.data(), B, qdim, w[O].blocks, passes_);
-      const PackedLinear* ws[1] = {&w[O]};
-      float* outs[1] = {o_.data()};
-      gemv<BF>(att_.data(), act, B, 1, ws, outs, lora_.data(), max_rank_);
-    }
-    for (int64_t i = 0; i < B * hidden_; ++i) x_[i] = R<BF>(x_[i] + o_[i]);
-    // MLP: norm, gate/up in one region, silu(gate) * up, down.
-    rms_norm<BF>(x_.data(), norms_[2 * l + 1].data(), B, hidden_, eps_, h_.data());
-    {
-      const Q8Activations& act = quantize_activations(h_.data(), B, hidden_, w[GATE].blocks, passes_);
-      const PackedLinear* ws[2] = {&w[GATE], &w[UP]};
-      float* outs[2] = {g_.data(), u_.data()};
-      gemv<BF>(h_.data(), act, B, 2, ws, outs, lora_.data(), max_rank_);
-    }
-    for (int64_t i = 0; i < B * inter_; ++i) {
-      const float gi = g_[i];
-      h_[i] = R<BF>(R<BF>(gi / (1.0f + std::exp(-gi))) * u_[i]);
-    }
-    {
-      const Q8Activations& act = quantize_activations(h_.data(), B, inter_, w[DOWN].blocks, passes_);
-      const PackedLinear* ws[1] = {&w[DOWN]};
-      float* outs[1] = {o_.data()};
-      gemv<BF>(h_.data(), act, B, 1, ws, outs, lora_.data(), max_rank_);
-    }
-    for (int64_t i = 0; i < B * hidden_; ++i) x_[i] = R<BF>(x_[i] + o_[i]);
+    if (tid == 0) std::memcpy(x_.data(), x, B * hidden_ * sizeof(float));
   }
 }
 

@@ -3,8 +3,9 @@
 //
 // Why: at batch 1 a quantized layer's arithmetic takes ~0.2 ms, and the ~40 PyTorch ops around its
 // 7 linears (norms, views, rotary, cache writes, attention, residuals) cost about as much again in
-// Python and dispatch. Here a layer is 4 parallel matrix-vector regions (q/k/v share one activation
-// quantization and one region, as do gate/up) and a few vector loops, with nothing allocated.
+// Python and dispatch. Here the whole step is one parallel region: per layer 4 matrix-vector parts
+// (q/k/v share one activation quantization and one part, as do gate/up) and attention split across
+// the threads, 5 barriers, the cheap per-row work repeated by every thread, nothing allocated.
 //
 // It computes what the PyTorch modules compute, rounding where they round: with bfloat16
 // activations every intermediate the eager path stores in bf16 (norm output, projections, rotary
@@ -57,7 +58,7 @@ class DecodeStack {
  private:
   template <bool BF, typename T>
   void run(int64_t B, const T* cos, const T* sin, T* kc, T* vc, const int64_t* slots, const int64_t* rows,
-           int64_t cache_rows, int64_t max_len, int64_t kv_len, const bool* key_valid);
+           int64_t cache_rows, int64_t max_len, int64_t kv_len, const bool* key_valid, int threads);
 
   std::vector<at::Tensor> keep_;  // everything the pointers below point into
   std::vector<std::vector<float>> norms_;
@@ -66,9 +67,15 @@ class DecodeStack {
   int64_t layers_, hidden_, heads_, kv_heads_, head_dim_, inter_;
   float eps_;
   int passes_;
-  // Scratch reused by every step (grown, never shrunk).
-  std::vector<float> x_, h_, q_, k_, v_, att_, o_, g_, u_, scores_;
-  std::vector<float> lora_;  // A x of up to three adapters, [3, B, max_rank_]
+  // Scratch reused by every step (grown, never shrunk): the values threads share (each written in
+  // parts by all of them, read after a barrier), and each thread's own.
+  std::vector<float> x_, q_, k_, v_, att_, o_, g_, u_;
+  struct Scratch {
+    std::vector<float> x, h;  // the residual stream and a norm's or SwiGLU's output, [B, ...]
+    std::vector<float> lora;  // A x of up to three adapters, [3, B, max_rank_]
+    std::vector<float> scores, qr, kr;  // one attention unit's scores and rotated query and key
+  };
+  std::vector<Scratch> scratch_;
   int64_t max_rank_ = 1;
 };
 

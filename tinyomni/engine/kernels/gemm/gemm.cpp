@@ -322,17 +322,7 @@ bool gemm_available() { return gemm_enabled && gemm_supported(); }
 
 at::Tensor gemm_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,
                        const std::optional<at::Tensor>& bias, int64_t in_features, int64_t out_features, int64_t bits) {
-  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, got ", bits);
-  const int64_t nb = (in_features + QK - 1) / QK, groups = (out_features + ROWS - 1) / ROWS;
-  const int64_t width = bits == 4 ? 256 : 512;
-  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous() && qweight.dim() == 2 &&
-                  qweight.size(0) == groups && qweight.size(1) == nb * width,
-              "int", bits, " qweight must be a contiguous uint8 [", groups, ", ", nb * width, "] tensor (packed rows)");
-  for (const at::Tensor* t : {&scales, &mins}) {
-    TORCH_CHECK(is_half_bits(*t) && t->is_contiguous() && t->numel() == groups * nb * ROWS,
-                "scales and mins must be contiguous float16 (or int16 holding float16 bits) [", groups, ", ",
-                nb * ROWS, "]");
-  }
+  check_packed(qweight, scales, mins, in_features, out_features, bits);
   at::Tensor x2d = as_matrix(x, in_features);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out_features;

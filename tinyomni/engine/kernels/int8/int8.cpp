@@ -118,6 +118,10 @@ void check_weight(const at::Tensor& qweight, const at::Tensor& scales, const at:
 
 void int8_gemv(const uint8_t* qw, const at::Half* sc, const at::Half* mn, int64_t nb, const Q8Activations& act,
                int64_t M, int64_t begin, int64_t end, float* result, int64_t N) {
+  if (M > 1 && batched_available()) {  // several rows: AMX int8 tiles, same results (batched/batched.cpp)
+    int8_batched_gemv(qw, sc, mn, nb, act, M, begin, end, result, N);
+    return;
+  }
   if (act.passes == 2) {
     run_range<MT2, true>(qw, sc, mn, nb, act, M, begin, end, result, N);
   } else {
