@@ -116,6 +116,15 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
 
 
+def greedy(logits: Tensor) -> Tensor:
+    """The first highest-scoring token of each row of [B, V], as torch.argmax picks it. On CPU through
+    numpy: torch's argmax over SmolLM2's 49152 logits took 63 µs a token against numpy's 3 (measured
+    2026-12-02), 2 % of a 3.5 ms int4 decode step."""
+    if logits.device.type != "cpu":
+        return logits.argmax(dim=-1)
+    return torch.from_numpy(logits.detach().contiguous().numpy().argmax(axis=-1))
+
+
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None,
            history: Tensor | None = None) -> Tensor:
     """Pick the next token for each row from float logits [B, V]."""
@@ -125,7 +134,7 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
         seen = torch.where(seen > 0, seen / params.repetition_penalty, seen * params.repetition_penalty)
         logits = logits.scatter(1, history, seen)
     if params.temperature == 0:
-        return logits.argmax(dim=-1)
+        return greedy(logits)
     logits = logits / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[:, -1:]

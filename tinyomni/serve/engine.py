@@ -36,7 +36,7 @@ from torch import Tensor
 
 from tinyomni.api import Model
 from tinyomni.errors import ContextLengthError, TinyOmniError
-from tinyomni.generate import Completion, SamplingParams, TextStream, sample
+from tinyomni.generate import Completion, SamplingParams, TextStream, greedy, sample
 from tinyomni.model.decoder import CacheState, KVCache
 from tinyomni.processing.chat import Prompt
 
@@ -406,12 +406,12 @@ class Engine:
         whose sampling fails gets its exception in place of a token."""
         if self._suppress:
             logits[:, self._suppress] = float("-inf")  # media tokens are inputs only
-        greedy = logits.argmax(-1).tolist()  # the common case, batched
+        best = greedy(logits.float()).tolist()  # the common case, batched
         tokens: list[int | Exception] = []
         for i, request in enumerate(requests):
             params = request.params
             if params.temperature == 0 and params.repetition_penalty == 1.0:
-                tokens.append(greedy[i])
+                tokens.append(best[i])
                 continue
             try:
                 tokens.append(int(sample(logits[i:i + 1], params, request.generator, request.history)))
