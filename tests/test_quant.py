@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tinyomni
-from tinyomni.engine import QuantEmbedding, QuantLinear, kernel_path, ops, quantize_model, use_reference
+from tinyomni.engine import QuantEmbedding, QuantLinear, fused, kernel_path, ops, quantize_model, use_reference
 from tinyomni.engine.gguf_blocks import index_tensors, read_blocks
 from tinyomni.engine.kernels.activations import quantize_activations
 from tinyomni.engine.kernels.int4 import reference as int4_ref
@@ -313,6 +313,53 @@ def test_fused_decode_step_matches_the_layers(monkeypatch, mode, dtype, bias, se
         assert (fused_t - eager_t).abs().max().item() <= tol * scale
     assert torch.equal(fused_logits[0], eager_logits[0])  # the prefill does not take the fused step
     assert torch.equal(fused_logits.argmax(-1), eager_logits.argmax(-1))
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("serving", [False, True])
+def test_a_decode_step_is_one_call_from_token_ids_to_logits(monkeypatch, mode, dtype, serving):
+    """quantize_model ties the token table to the head's blocks (QuantEmbedding): the fused step then
+    also looks tokens up in those blocks and runs the final norm and the head, with the eager logits."""
+    model = tinyomni.tiny_random_model(seed=0)
+    quantize_model(model.model, mode, gguf=False)
+    decoder = model.model.language_model
+    assert isinstance(decoder.model.embed_tokens, QuantEmbedding)
+    assert decoder.decode_step.why_not_logits() == ""
+    whole, real = [], decoder.decode_logits
+
+    def counted(*args):
+        out = real(*args)
+        whole.append(out is not None)
+        return out
+
+    decoder.decode_logits = counted
+    fused_logits, fused_cache = _decode(decoder, monkeypatch, True, dtype, serving)
+    assert whole == [True] * 4  # every decode step, and not the prefill
+    eager_logits, eager_cache = _decode(decoder, monkeypatch, False, dtype, serving)
+    tol = 2e-3 if dtype == torch.float32 else 3e-2
+    for fused_t, eager_t in ((fused_logits, eager_logits), (fused_cache, eager_cache)):
+        assert (fused_t - eager_t).abs().max().item() <= tol * eager_t.abs().max().item()
+    assert torch.equal(fused_logits.argmax(-1), eager_logits.argmax(-1))
+
+
+@needs_kernels
+def test_whole_steps_stay_eager_where_the_ends_differ(monkeypatch):
+    """A float head (the layers fused, the head not) or LongRoPE tables: only the layers run fused."""
+    decoder = _odd_decoder("int4", False)
+    assert decoder.decode_step.why_not_logits() == ""
+    decoder.lm_head = torch.nn.Linear(80, 120, bias=False)
+    fused.install(decoder)
+    assert decoder.decode_step.why_not() == ""
+    assert "LM head" in decoder.decode_step.why_not_logits()
+    fused_logits, _ = _decode(decoder, monkeypatch, True, torch.float32, False)
+    eager_logits, _ = _decode(decoder, monkeypatch, False, torch.float32, False)
+    assert (fused_logits - eager_logits).abs().max().item() <= 2e-3 * eager_logits.abs().max().item()
+    decoder = _odd_decoder("int4", False)
+    decoder.model.rotary_emb.long_from = 32
+    fused.install(decoder)
+    assert "LongRoPE" in decoder.decode_step.why_not_logits()
 
 
 @needs_kernels

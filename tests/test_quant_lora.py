@@ -111,6 +111,33 @@ def test_fused_decode_step_adds_the_adapter_as_the_layers_do(monkeypatch, mode, 
     assert (without - fused_logits).abs().max().item() > tol * eager_logits.abs().max().item()
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_adapter_on_the_lm_head_joins_the_whole_fused_step(monkeypatch, dtype):
+    from tinyomni.config import DecoderConfig
+    from tinyomni.model.decoder import Decoder
+
+    torch.manual_seed(0)
+    config = DecoderConfig(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                           tie_word_embeddings=False)
+    decoder = Decoder(config).eval()
+    assert len(apply_lora(decoder, LoraConfig(r=4, alpha=8, scope="", targets=["q_proj", "lm_head"]))) == 3
+    _randomize_adapters(decoder, scale=0.3)
+    quantize_module(decoder, "int4")
+    fused.install(decoder)
+    assert isinstance(decoder.lm_head, LoRAQuantLinear)
+    assert decoder.decode_step.why_not_logits() == ""
+    fused_logits, _ = _decode(decoder, monkeypatch, True, dtype, False)
+    eager_logits, _ = _decode(decoder, monkeypatch, False, dtype, False)
+    tol = (2e-3 if dtype == torch.float32 else 3e-2) * eager_logits.abs().max().item()
+    assert (fused_logits - eager_logits).abs().max().item() <= tol
+    decoder.lm_head.lora_B.zero_()
+    decoder.decode_step._stack = None  # rebuilt without the head's update
+    without, _ = _decode(decoder, monkeypatch, True, dtype, False)
+    assert (without - fused_logits).abs().max().item() > tol
+
+
 @pytest.fixture
 def adapted_checkpoint(tmp_path):
     """A tiny model with a LoRA adapter on its decoder, saved (the adapter apart, as training saves it)."""

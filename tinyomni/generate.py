@@ -298,9 +298,10 @@ class Generation:
         history = input_ids if params.repetition_penalty != 1.0 else None
         eos = set() if params.ignore_eos else set(self.tokenizer.eos_token_ids)
         next_positions = position_ids[:, -1:] + 1
+        suppress = torch.tensor(self.suppress_ids, dtype=torch.long, device=device) if self.suppress_ids else None
         for step in range(self.max_new_tokens):
-            if self.suppress_ids:
-                logits[:, self.suppress_ids] = float("-inf")
+            if suppress is not None:
+                logits.index_fill_(-1, suppress, float("-inf"))
             tokens = sample(logits, params, generator, history)
             token_list = tokens.tolist()
             for row, token in enumerate(token_list):
@@ -322,7 +323,8 @@ class Generation:
             logits, _ = decoder(input_ids=tokens[:, None], position_ids=next_positions,
                                 attention_mask=key_valid[:, :slot + 1] if padded else None,
                                 cache=CacheState(kv, torch.tensor([slot], device=device), slot + 1))
-            key_valid[:, slot] = True
+            if padded:  # unpadded batches pass no mask
+                key_valid[:, slot] = True
             next_positions = next_positions + 1
             logits = logits[:, -1]
 

@@ -24,7 +24,7 @@ import torch
 KERNEL_DIR = Path(__file__).parent / "kernels"
 SOURCES = ("common.cpp", "int4/int4.cpp", "int8/int8.cpp", "gemm/gemm.cpp", "batched/batched.cpp", "decode.cpp",
            "bindings.cpp")
-HEADERS = ("common.h", "decode.h")
+HEADERS = ("amx.h", "common.h", "decode.h")
 # -ffp-contract=off: the dequantize loops must round d*q + m as the reference (and gguf) do, not fuse it.
 CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mf16c",
           "-mfma", "-ffp-contract=off", "-fopenmp")

@@ -278,6 +278,10 @@ class Decoder(nn.Module):
         # returns the last layer's output, or None to let the layers below run. The model never
         # imports the engine; a plain attribute keeps it out of state_dict().
         self.decode_step: Callable[..., Tensor | None] | None = None
+        # And a whole-token one: decode_logits(input_ids, position_ids, attention_mask, cache) runs the
+        # embedding, every layer, the final norm and the head for one token a row, returning logits
+        # [B, 1, vocab] (or None to take the path below), so that a decode step costs one call.
+        self.decode_logits: Callable[..., Tensor | None] | None = None
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -341,6 +345,11 @@ class Decoder(nn.Module):
             cache slots). logits_to_keep: compute logits only for the last N positions (0 = all), so
             a long prefill does not build a [T, vocab] matrix it throws away.
         """
+        if (self.decode_logits is not None and inputs_embeds is None and labels is None and cache is not None
+                and input_ids is not None and input_ids.shape[1] == 1 and not layer_inputs):
+            logits = self.decode_logits(input_ids, position_ids, attention_mask, cache)
+            if logits is not None:
+                return logits, None
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         x = self.hidden_states(x, position_ids, attention_mask, cache, **layer_inputs)
         if logits_to_keep:

@@ -51,7 +51,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           const std::vector<std::optional<at::Tensor>>&, const std::vector<int64_t>&, int64_t, int64_t,
                           int64_t, double, int64_t>())
       .def("set_adapter", &tinyomni::DecodeStack::set_adapter)
-      .def("forward", &tinyomni::DecodeStack::forward);
+      .def("set_head", &tinyomni::DecodeStack::set_head)
+      .def("set_embedding_blocks", &tinyomni::DecodeStack::set_embedding_blocks)
+      .def("set_embedding_table", &tinyomni::DecodeStack::set_embedding_table)
+      .def("forward", &tinyomni::DecodeStack::forward)
+      .def("forward_logits", &tinyomni::DecodeStack::forward_logits);
 }
 
 TORCH_LIBRARY(tinyomni, m) {

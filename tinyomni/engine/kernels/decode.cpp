@@ -284,47 +284,41 @@ void DecodeStack::set_adapter(int64_t index, const at::Tensor& lora_a, const at:
   w.scaling = static_cast<float>(scaling);
 }
 
-at::Tensor DecodeStack::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
-                                at::Tensor& v_cache, const at::Tensor& slots, const std::optional<at::Tensor>& rows,
-                                int64_t kv_len, const std::optional<at::Tensor>& key_valid) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.size(1) == 1 && x.size(2) == hidden_,
-              "DecodeStack: x must be a CPU [B, 1, ", hidden_, "] tensor, got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == dtype_, "DecodeStack: x is ", x.scalar_type(), ", the weights are ", dtype_);
-  const int64_t B = x.size(0);
+DecodeStack::Step DecodeStack::prepare(int64_t B, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                       const at::Tensor& slots, const std::optional<at::Tensor>& rows, int64_t kv_len,
+                                       const std::optional<at::Tensor>& key_valid) {
   for (const at::Tensor* c : {&k_cache, &v_cache}) {
     TORCH_CHECK(c->scalar_type() == dtype_ && c->is_contiguous() && c->dim() == 5 && c->size(0) == layers_ &&
                     c->size(2) == kv_heads_ && c->size(4) == head_dim_,
                 "DecodeStack: the KV cache must be a contiguous [", layers_, ", rows, ", kv_heads_, ", len, ",
                 head_dim_, "] ", dtype_, " tensor");
   }
-  const int64_t cache_rows = k_cache.size(1), max_len = k_cache.size(3);
-  TORCH_CHECK(kv_len >= 1 && kv_len <= max_len, "DecodeStack: kv_len ", kv_len, " outside the cache (", max_len, ")");
-  at::Tensor c = cos.contiguous(), s = sin.contiguous();
-  TORCH_CHECK(c.scalar_type() == dtype_ && s.scalar_type() == dtype_ && c.numel() == B * head_dim_ &&
-                  s.numel() == B * head_dim_,
-              "DecodeStack: cos/sin must hold one ", head_dim_, "-value row per batch row");
-  at::Tensor sl = slots.to(at::kLong).contiguous();
-  TORCH_CHECK(sl.numel() == B, "DecodeStack: one slot per row expected");
-  const int64_t* slot = sl.data_ptr<int64_t>();
-  at::Tensor rw;
-  const int64_t* row = nullptr;
+  Step st;
+  st.B = B;
+  st.cache_rows = k_cache.size(1);
+  st.max_len = k_cache.size(3);
+  st.kv_len = kv_len;
+  TORCH_CHECK(kv_len >= 1 && kv_len <= st.max_len, "DecodeStack: kv_len ", kv_len, " outside the cache (", st.max_len, ")");
+  st.slots = slots.to(at::kLong).contiguous();
+  if (st.slots.numel() == 1 && B > 1) st.slots = st.slots.reshape({1}).expand({B}).contiguous();  // one for all rows
+  TORCH_CHECK(st.slots.numel() == B, "DecodeStack: one slot per row (or one for all) expected");
+  st.slot = st.slots.data_ptr<int64_t>();
   if (rows.has_value()) {
-    rw = rows->to(at::kLong).contiguous();
-    TORCH_CHECK(rw.numel() == B, "DecodeStack: one cache row per batch row expected");
-    row = rw.data_ptr<int64_t>();
+    st.rows = rows->to(at::kLong).contiguous();
+    TORCH_CHECK(st.rows.numel() == B, "DecodeStack: one cache row per batch row expected");
+    st.row = st.rows.data_ptr<int64_t>();
   } else {
-    TORCH_CHECK(B <= cache_rows, "DecodeStack: batch ", B, " exceeds the cache's ", cache_rows, " rows");
+    TORCH_CHECK(B <= st.cache_rows, "DecodeStack: batch ", B, " exceeds the cache's ", st.cache_rows, " rows");
   }
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(slot[b] >= 0 && slot[b] < kv_len, "DecodeStack: slot ", slot[b], " outside 0..", kv_len - 1);
-    TORCH_CHECK(!row || (row[b] >= 0 && row[b] < cache_rows), "DecodeStack: cache row out of range");
+    TORCH_CHECK(st.slot[b] >= 0 && st.slot[b] < kv_len, "DecodeStack: slot ", st.slot[b], " outside 0..", kv_len - 1);
+    TORCH_CHECK(!st.row || (st.row[b] >= 0 && st.row[b] < st.cache_rows), "DecodeStack: cache row out of range");
   }
-  at::Tensor kv;
-  const bool* valid = nullptr;
   if (key_valid.has_value()) {
-    kv = key_valid->to(at::kBool).contiguous();
-    TORCH_CHECK(kv.dim() == 2 && kv.size(0) == B && kv.size(1) == kv_len, "DecodeStack: key_valid must be [B, kv_len]");
-    valid = kv.data_ptr<bool>();
+    st.valid = key_valid->to(at::kBool).contiguous();
+    TORCH_CHECK(st.valid.dim() == 2 && st.valid.size(0) == B && st.valid.size(1) == kv_len,
+                "DecodeStack: key_valid must be [B, kv_len]");
+    st.key_valid = st.valid.data_ptr<bool>();
   }
 
   const int64_t qdim = heads_ * head_dim_, kvdim = kv_heads_ * head_dim_;
@@ -337,9 +331,9 @@ at::Tensor DecodeStack::forward(const at::Tensor& x, const at::Tensor& cos, cons
   g_.resize(B * inter_);
   u_.resize(B * inter_);
   // One thread when called from inside another parallel region (nested regions would oversubscribe).
-  const int nt = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
-  if (static_cast<int>(scratch_.size()) < nt) scratch_.resize(nt);
-  for (int t = 0; t < nt; ++t) {
+  st.threads = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+  if (static_cast<int>(scratch_.size()) < st.threads) scratch_.resize(st.threads);
+  for (int t = 0; t < st.threads; ++t) {
     Scratch& own = scratch_[t];
     own.x.resize(B * hidden_);
     own.h.resize(B * std::max(hidden_, inter_));
@@ -348,23 +342,187 @@ at::Tensor DecodeStack::forward(const at::Tensor& x, const at::Tensor& cos, cons
     own.qr.resize(head_dim_);
     own.kr.resize(head_dim_);
   }
+  return st;
+}
+
+void DecodeStack::launch(const Step& st, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
+                         at::Tensor& v_cache, float* logits, at::BFloat16* logits_bf) {
+  if (dtype_ == at::kBFloat16) {
+    run<true>(st, cos.data_ptr<at::BFloat16>(), sin.data_ptr<at::BFloat16>(), k_cache.data_ptr<at::BFloat16>(),
+              v_cache.data_ptr<at::BFloat16>(), logits, logits_bf);
+  } else {
+    run<false>(st, cos.data_ptr<float>(), sin.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+               logits, logits_bf);
+  }
+}
+
+at::Tensor DecodeStack::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
+                                at::Tensor& v_cache, const at::Tensor& slots, const std::optional<at::Tensor>& rows,
+                                int64_t kv_len, const std::optional<at::Tensor>& key_valid) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.size(1) == 1 && x.size(2) == hidden_,
+              "DecodeStack: x must be a CPU [B, 1, ", hidden_, "] tensor, got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == dtype_, "DecodeStack: x is ", x.scalar_type(), ", the weights are ", dtype_);
+  const int64_t B = x.size(0);
+  const Step st = prepare(B, k_cache, v_cache, slots, rows, kv_len, key_valid);
+  at::Tensor c = cos.contiguous(), s = sin.contiguous();
+  TORCH_CHECK(c.scalar_type() == dtype_ && s.scalar_type() == dtype_ && c.numel() == B * head_dim_ &&
+                  s.numel() == B * head_dim_,
+              "DecodeStack: cos/sin must hold one ", head_dim_, "-value row per batch row");
   at::Tensor xin = x.contiguous();
   if (dtype_ == at::kBFloat16) {
     const at::BFloat16* p = xin.data_ptr<at::BFloat16>();
     for (int64_t i = 0; i < B * hidden_; ++i) x_[i] = static_cast<float>(p[i]);
-    run<true>(B, c.data_ptr<at::BFloat16>(), s.data_ptr<at::BFloat16>(), k_cache.data_ptr<at::BFloat16>(),
-              v_cache.data_ptr<at::BFloat16>(), slot, row, cache_rows, max_len, kv_len, valid, nt);
   } else {
     std::memcpy(x_.data(), xin.data_ptr<float>(), B * hidden_ * sizeof(float));
-    run<false>(B, c.data_ptr<float>(), s.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
-               slot, row, cache_rows, max_len, kv_len, valid, nt);
   }
+  launch(st, c, s, k_cache, v_cache, nullptr, nullptr);
   at::Tensor out = at::empty({B, 1, hidden_}, x.options());
   if (dtype_ == at::kBFloat16) {
     at::BFloat16* p = out.data_ptr<at::BFloat16>();
     for (int64_t i = 0; i < B * hidden_; ++i) p[i] = at::BFloat16(x_[i]);
   } else {
     std::memcpy(out.data_ptr<float>(), x_.data(), B * hidden_ * sizeof(float));
+  }
+  return out;
+}
+
+void DecodeStack::set_head(const at::Tensor& norm, double eps, const at::Tensor& qweight, const at::Tensor& scales,
+                           const at::Tensor& mins, const std::optional<at::Tensor>& bias, int64_t bits,
+                           int64_t out_features) {
+  TORCH_CHECK(!has_head_, "DecodeStack: the head is already set");
+  TORCH_CHECK(norm.scalar_type() == dtype_ && norm.numel() == hidden_, "DecodeStack: the final norm's weight must be ",
+              hidden_, " values in ", dtype_);
+  check_packed(qweight, scales, mins, hidden_, out_features, bits);
+  at::Tensor f = norm.detach().to(at::kFloat).contiguous();
+  head_norm_.assign(f.data_ptr<float>(), f.data_ptr<float>() + hidden_);
+  head_eps_ = static_cast<float>(eps);
+  PackedLinear w;
+  w.kind = static_cast<int>(bits);
+  w.in = hidden_;
+  w.out = out_features;
+  w.blocks = qweight.size(1) / (bits == 4 ? 256 : 512);
+  w.groups = qweight.size(0);
+  w.qw = qweight.data_ptr<uint8_t>();
+  w.scales = half_data(scales);
+  w.mins = half_data(mins);
+  keep_.insert(keep_.end(), {qweight, scales, mins});
+  if (bias.has_value()) {
+    at::Tensor b = bias->detach().to(at::kFloat).contiguous();
+    TORCH_CHECK(b.numel() == out_features, "DecodeStack: the head's bias has ", b.numel(), " values for ", out_features);
+    keep_.push_back(b);
+    w.bias = b.data_ptr<float>();
+  }
+  linears_.push_back(w);
+  has_head_ = true;
+}
+
+void DecodeStack::set_embedding_blocks(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,
+                                       int64_t bits, int64_t vocab) {
+  check_packed(qweight, scales, mins, hidden_, vocab, bits);
+  embed_blocks_ = PackedLinear();
+  embed_blocks_.kind = static_cast<int>(bits);
+  embed_blocks_.in = hidden_;
+  embed_blocks_.out = vocab;
+  embed_blocks_.blocks = qweight.size(1) / (bits == 4 ? 256 : 512);
+  embed_blocks_.groups = qweight.size(0);
+  embed_blocks_.qw = qweight.data_ptr<uint8_t>();
+  embed_blocks_.scales = half_data(scales);
+  embed_blocks_.mins = half_data(mins);
+  keep_.insert(keep_.end(), {qweight, scales, mins});
+  embed_table_ = nullptr;
+  vocab_ = vocab;
+}
+
+void DecodeStack::set_embedding_table(const at::Tensor& table) {
+  TORCH_CHECK(table.scalar_type() == dtype_ && table.dim() == 2 && table.size(1) == hidden_ && table.is_contiguous(),
+              "DecodeStack: the embedding table must be a contiguous [vocab, ", hidden_, "] ", dtype_, " tensor");
+  keep_.push_back(table);
+  embed_table_ = table.data_ptr();
+  embed_blocks_ = PackedLinear();
+  vocab_ = table.size(0);
+}
+
+namespace {
+
+// Row r of packed blocks as floats, w = d*q + m per block of 32: blocks.dequantize_codes' arithmetic
+// (a product, then a sum; the build turns off fused multiply-adds), what QuantEmbedding looks up.
+void packed_row(const PackedLinear& w, int64_t r, float* out) {
+  const int64_t g = r / ROWS, lane = r % ROWS, bytes = w.kind == 4 ? 256 : 512;
+  const uint8_t* group = w.qw + g * w.blocks * bytes;
+  for (int64_t b = 0; b < w.blocks; ++b) {
+    const float d = static_cast<float>(w.scales[(g * w.blocks + b) * ROWS + lane]);
+    const float m = static_cast<float>(w.mins[(g * w.blocks + b) * ROWS + lane]);
+    const uint8_t* block = group + b * bytes + lane * 4;  // this row's 4 bytes of each step of 16 rows
+    for (int64_t i = 0; i < QK && b * QK + i < w.in; ++i) {
+      const int64_t j = i % 4;
+      int code;
+      if (w.kind == 4) {
+        const uint8_t byte = block[((i % 16) / 4) * 64 + j];  // steps of 4 codes; the high nibbles hold 16..31
+        code = i < 16 ? (byte & 0x0F) : (byte >> 4);
+      } else {
+        code = block[(i / 4) * 64 + j];
+      }
+      out[b * QK + i] = static_cast<float>(code) * d + m;
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor DecodeStack::forward_logits(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& cos_table,
+                                       const at::Tensor& sin_table, at::Tensor& k_cache, at::Tensor& v_cache,
+                                       const at::Tensor& slots, const std::optional<at::Tensor>& rows, int64_t kv_len,
+                                       const std::optional<at::Tensor>& key_valid) {
+  TORCH_CHECK(has_head_ && vocab_ > 0, "DecodeStack: forward_logits needs set_head and set_embedding_* first");
+  at::Tensor id = ids.to(at::kLong).contiguous(), pos = positions.to(at::kLong).contiguous();
+  const int64_t B = id.numel();
+  if (pos.numel() == 1 && B > 1) pos = pos.reshape({1}).expand({B}).contiguous();  // one for all rows
+  TORCH_CHECK(B >= 1 && pos.numel() == B, "DecodeStack: one token id and one position per row (or one for all) expected");
+  const Step st = prepare(B, k_cache, v_cache, slots, rows, kv_len, key_valid);
+  at::Tensor ct = cos_table.contiguous(), stab = sin_table.contiguous();
+  TORCH_CHECK(ct.dim() == 2 && ct.size(1) == head_dim_ && stab.sizes() == ct.sizes() &&
+                  (ct.scalar_type() == at::kFloat || ct.scalar_type() == at::kBFloat16) &&
+                  stab.scalar_type() == ct.scalar_type(),
+              "DecodeStack: cos/sin tables must be [positions, ", head_dim_, "] float32 or bfloat16");
+  const int64_t* t = id.data_ptr<int64_t>();
+  const int64_t* p = pos.data_ptr<int64_t>();
+  // Token rows, rounded to the activation dtype as the lookup's .to(dtype) does; each row's rotary
+  // values in the activation dtype, as RotaryEmbedding's gather and cast give them.
+  at::Tensor c = at::empty({B, head_dim_}, ct.options().dtype(dtype_)), s = at::empty({B, head_dim_}, c.options());
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(t[b] >= 0 && t[b] < vocab_, "DecodeStack: token id ", t[b], " outside the vocabulary (", vocab_, ")");
+    TORCH_CHECK(p[b] >= 0 && p[b] < ct.size(0), "DecodeStack: position ", p[b], " outside the rotary table (",
+                ct.size(0), ")");
+    float* xr = x_.data() + b * hidden_;
+    if (embed_blocks_.qw) {
+      packed_row(embed_blocks_, t[b], xr);
+      if (dtype_ == at::kBFloat16)
+        for (int64_t i = 0; i < hidden_; ++i) xr[i] = bf16_round(xr[i]);
+    } else if (dtype_ == at::kBFloat16) {
+      const at::BFloat16* row = static_cast<const at::BFloat16*>(embed_table_) + t[b] * hidden_;
+      for (int64_t i = 0; i < hidden_; ++i) xr[i] = static_cast<float>(row[i]);
+    } else {
+      std::memcpy(xr, static_cast<const float*>(embed_table_) + t[b] * hidden_, hidden_ * sizeof(float));
+    }
+    for (int64_t i = 0; i < head_dim_; ++i) {
+      const int64_t at = p[b] * head_dim_ + i;
+      const float cv = ct.scalar_type() == at::kFloat ? ct.data_ptr<float>()[at] : static_cast<float>(ct.data_ptr<at::BFloat16>()[at]);
+      const float sv = ct.scalar_type() == at::kFloat ? stab.data_ptr<float>()[at] : static_cast<float>(stab.data_ptr<at::BFloat16>()[at]);
+      if (dtype_ == at::kBFloat16) {
+        c.data_ptr<at::BFloat16>()[b * head_dim_ + i] = at::BFloat16(cv);
+        s.data_ptr<at::BFloat16>()[b * head_dim_ + i] = at::BFloat16(sv);
+      } else {
+        c.data_ptr<float>()[b * head_dim_ + i] = cv;
+        s.data_ptr<float>()[b * head_dim_ + i] = sv;
+      }
+    }
+  }
+  at::Tensor out = at::empty({B, 1, vocab_}, k_cache.options());
+  if (dtype_ == at::kBFloat16) {
+    logits_.resize(B * vocab_);
+    launch(st, c, s, k_cache, v_cache, logits_.data(), out.data_ptr<at::BFloat16>());
+  } else {
+    launch(st, c, s, k_cache, v_cache, out.data_ptr<float>(), nullptr);
   }
   return out;
 }
@@ -431,8 +589,12 @@ void attend(const float* q, const float* k, const float* vnew, const T* cos, con
 // layer, against the 4 parallel regions and the serial work between them that one layer cost
 // before). Attention is cut by (batch row, query head).
 template <bool BF, typename T>
-void DecodeStack::run(int64_t B, const T* cos, const T* sin, T* kc, T* vc, const int64_t* slots, const int64_t* rows,
-                      int64_t cache_rows, int64_t max_len, int64_t kv_len, const bool* key_valid, int threads) {
+void DecodeStack::run(const Step& st, const T* cos, const T* sin, T* kc, T* vc, float* logits, at::BFloat16* logits_bf) {
+  const int64_t B = st.B, cache_rows = st.cache_rows, max_len = st.max_len, kv_len = st.kv_len;
+  const int64_t* slots = st.slot;
+  const int64_t* rows = st.row;
+  const bool* key_valid = st.key_valid;
+  const int threads = st.threads;
   const int64_t hd = head_dim_, qdim = heads_ * hd, kvdim = kv_heads_ * hd, group = heads_ / kv_heads_;
   const float inv_sqrt = 1.0f / std::sqrt(static_cast<float>(hd));
 #pragma omp parallel num_threads(threads)
@@ -495,7 +657,24 @@ void DecodeStack::run(int64_t B, const T* cos, const T* sin, T* kc, T* vc, const
 #pragma omp barrier
       for (int64_t i = 0; i < B * hidden_; ++i) x[i] = R<BF>(x[i] + o_[i]);
     }
-    if (tid == 0) std::memcpy(x_.data(), x, B * hidden_ * sizeof(float));
+    if (logits) {
+      // The final norm and the LM head in the same region: no second thread start, and each thread
+      // quantizes the normed row itself (as it does for every layer) instead of waiting for one.
+      rms_norm<BF>(x, head_norm_.data(), B, hidden_, head_eps_, h);
+      const PackedLinear& w = linears_[layers_ * PER_LAYER];
+      const Q8Activations& act = quantize_activations(h, B, hidden_, w.blocks, passes_);
+      const PackedLinear* ws[1] = {&w};
+      float* outs[1] = {logits};
+      gemv_share<BF>(h, act, B, 1, ws, outs, lora, max_rank_, tid, nt);
+      if (logits_bf) {  // this thread's rows of the head, as gemv_share cut them
+        const auto [begin, end] = share(w.groups, GROUP_GRAIN, tid, nt);
+        const int64_t j1 = std::min(end * ROWS, w.out);
+        for (int64_t m = 0; m < B; ++m)
+          for (int64_t j = begin * ROWS; j < j1; ++j) logits_bf[m * w.out + j] = at::BFloat16(logits[m * w.out + j]);
+      }
+    } else if (tid == 0) {
+      std::memcpy(x_.data(), x, B * hidden_ * sizeof(float));
+    }
   }
 }
 

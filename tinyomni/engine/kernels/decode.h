@@ -55,10 +55,46 @@ class DecodeStack {
                      at::Tensor& v_cache, const at::Tensor& slots, const std::optional<at::Tensor>& rows,
                      int64_t kv_len, const std::optional<at::Tensor>& key_valid);
 
+  // The token's two ends, so that forward_logits runs a whole decode step from token ids to logits:
+  // the final RMSNorm (weight in the activation dtype) and the LM head's packed blocks (bits 4 or 8,
+  // its bias or None; it becomes linear layers*7, so set_adapter reaches it too), and where token rows
+  // come from: packed blocks (a QuantEmbedding's table, usually that same head) or a float table
+  // [vocab, hidden] in the activation dtype (an nn.Embedding).
+  void set_head(const at::Tensor& norm, double eps, const at::Tensor& qweight, const at::Tensor& scales,
+                const at::Tensor& mins, const std::optional<at::Tensor>& bias, int64_t bits, int64_t out_features);
+  void set_embedding_blocks(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins, int64_t bits,
+                            int64_t vocab);
+  void set_embedding_table(const at::Tensor& table);
+
+  // ids (B values, any shape) through embedding, every layer, final norm and LM head: logits
+  // [B, 1, vocab] in the activation dtype, what embed_tokens → layers → norm → lm_head compute.
+  // positions (B values, or one for all rows) pick each row's rotary values from cos_table/sin_table
+  // [positions, head_dim] (RotaryEmbedding's buffers); the cache arguments are forward's (slots too
+  // may be one for all rows). Python passes its tensors as they are: each PyTorch op it saved costs
+  // tens of µs right after a step has streamed the weights through the caches.
+  at::Tensor forward_logits(const at::Tensor& ids, const at::Tensor& positions, const at::Tensor& cos_table,
+                            const at::Tensor& sin_table, at::Tensor& k_cache, at::Tensor& v_cache,
+                            const at::Tensor& slots, const std::optional<at::Tensor>& rows, int64_t kv_len,
+                            const std::optional<at::Tensor>& key_valid);
+
  private:
+  // What forward and forward_logits check and size the same way: the caches, slots, rows, mask.
+  struct Step {
+    int64_t B = 0, cache_rows = 0, max_len = 0, kv_len = 0;
+    at::Tensor slots, rows, valid;  // contiguous copies the pointers read
+    const int64_t* slot = nullptr;
+    const int64_t* row = nullptr;
+    const bool* key_valid = nullptr;
+    int threads = 1;
+  };
+  Step prepare(int64_t B, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+               const std::optional<at::Tensor>& rows, int64_t kv_len, const std::optional<at::Tensor>& key_valid);
+  // The layers over x_ (and with `logits` the final norm and head into it: float [B, vocab], and
+  // the same values rounded into logits_bf when the activations are bf16).
+  void launch(const Step& st, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+              float* logits, at::BFloat16* logits_bf);
   template <bool BF, typename T>
-  void run(int64_t B, const T* cos, const T* sin, T* kc, T* vc, const int64_t* slots, const int64_t* rows,
-           int64_t cache_rows, int64_t max_len, int64_t kv_len, const bool* key_valid, int threads);
+  void run(const Step& st, const T* cos, const T* sin, T* kc, T* vc, float* logits, at::BFloat16* logits_bf);
 
   std::vector<at::Tensor> keep_;  // everything the pointers below point into
   std::vector<std::vector<float>> norms_;
@@ -77,6 +113,14 @@ class DecodeStack {
   };
   std::vector<Scratch> scratch_;
   int64_t max_rank_ = 1;
+  // The ends set_head / set_embedding_* give (none until then).
+  bool has_head_ = false;
+  std::vector<float> head_norm_;
+  float head_eps_ = 0.0f;
+  PackedLinear embed_blocks_;  // qw == nullptr: none
+  const void* embed_table_ = nullptr;  // [vocab, hidden] in dtype_, or nullptr
+  int64_t vocab_ = 0;
+  std::vector<float> logits_;  // bf16 activations: the head's float results before rounding
 };
 
 }  // namespace tinyomni

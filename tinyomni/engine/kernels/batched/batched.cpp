@@ -22,12 +22,10 @@
 // (this file asks itself, so either works alone). batched_supported(): AMX-TILE + AMX-INT8 present
 // and granted; batched_available(): supported and not switched off (set_batched_enabled(false), which
 // ops.py does for TINYOMNI_BATCHED=0).
+#include "../amx.h"
 #include "../common.h"
 
 #include <atomic>
-#include <cpuid.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #pragma GCC target("amx-tile,amx-int8")
 
@@ -35,26 +33,9 @@ namespace tinyomni {
 
 namespace {
 
-constexpr long ARCH_REQ_XCOMP_PERM = 0x1023;
-constexpr long XFEATURE_XTILEDATA = 18;
-
-bool detect_amx_int8() {
-  unsigned a, b, c, d;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  const bool tile = (d >> 24) & 1, int8 = (d >> 25) & 1;
-  if (!tile || !int8) return false;
-  return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-}
+bool detect_amx_int8() { return amx_granted(1u << AMX_INT8_BIT); }
 
 std::atomic<bool> batched_enabled{true};
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
 
 // Tile registers (the intrinsics take literal numbers). Two products in flight: even ones use A0,
 // B0, C0 (and C20 for a split residual pass), odd ones A20 (stacked) or A0 again, B1, C1 (C21); with

@@ -20,12 +20,10 @@
 // the process asks Linux once for permission to use tile data (arch_prctl ARCH_REQ_XCOMP_PERM).
 // Without AMX (or without that permission) gemm_supported() is false; when it is, or when switched off
 // by set_gemm_enabled(false), gemm_available() is false and the linears keep dequantize + float GEMM.
+#include "../amx.h"
 #include "../common.h"
 
 #include <atomic>
-#include <cpuid.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #pragma GCC target("amx-tile,amx-bf16,avx512bf16")
 
@@ -33,24 +31,10 @@ namespace tinyomni {
 
 namespace {
 
-constexpr long ARCH_REQ_XCOMP_PERM = 0x1023;
-constexpr long XFEATURE_XTILEDATA = 18;
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 bool detect_amx() {
+  if (!amx_granted(1u << AMX_BF16_BIT)) return false;
   unsigned a, b, c, d;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  const bool bf16 = (d >> 22) & 1, tile = (d >> 24) & 1;
-  if (!tile || !bf16) return false;
-  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !((a >> 5) & 1)) return false;  // AVX512_BF16 (vcvtne2ps2bf16)
-  return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  return __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 5) & 1);  // AVX512_BF16 (vcvtne2ps2bf16)
 }
 
 // Tile registers (GCC's tile intrinsics take the register number as a literal). bf16 activations:
