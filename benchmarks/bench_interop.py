@@ -20,7 +20,8 @@ Each (engine, dtype) runs in a fresh process, one after another:
   "peak / weights": what loading added to the process (peak after load minus the resident memory just
   before it) over the bytes of the loaded parameters (the issue's bound: about 1.3 at most);
 - vision encode: one 448-px tile through the vision tower and projector (tinyomni
-  `OmniModel.encode_images`, transformers `get_image_features`);
+  `OmniModel.encode_images`, transformers `get_image_features`); for a float32 tinyomni model also with
+  bfloat16 encoders in front of it (`encoder_dtype`, `Model.cast_encoders`);
 - image→first token: a one-tile 448×448 image and a short question, from the PIL image to the first
   generated token (preprocessing, vision, prefill, one token; tinyomni `Model.complete(...,
   max_new_tokens=1)`, transformers processor + `generate(max_new_tokens=1)`).
@@ -150,6 +151,7 @@ def worker(engine: str, dtype_name: str, path: Path, repeats: int, load_only: bo
     torch.set_grad_enabled(False)
     if engine == "tinyomni":
         os.environ["TINYOMNI_CACHE"] = "off"  # the import itself, not a cache read
+        os.environ["TINYOMNI_MEDIA_CACHE_MB"] = "0"  # every repeat encodes its image, as transformers does
         import tinyomni
 
         rss_before = rss_mb()
@@ -206,8 +208,11 @@ def worker(engine: str, dtype_name: str, path: Path, repeats: int, load_only: bo
                "prompt_tokens": prompt_tokens, "threads": torch.get_num_threads()}
     if load_only:
         return loading
-    return {**loading, "encode_s": timed(encode, repeats),
-            "first_token_s": timed(first_token, repeats), "rss_peak_mb": peak_rss_mb()}
+    result = {**loading, "encode_s": timed(encode, repeats), "first_token_s": timed(first_token, repeats)}
+    if engine == "tinyomni" and dtype != torch.bfloat16:  # the same decoder, bf16 towers (encoder_dtype)
+        model.cast_encoders(torch.bfloat16)
+        result["encode_bf16_encoders_s"] = timed(encode, repeats)
+    return {**result, "rss_peak_mb": peak_rss_mb()}
 
 
 def run_worker(engine: str, dtype: str, path: Path, repeats: int, load_only: bool = False) -> dict[str, float]:
@@ -275,6 +280,10 @@ def main() -> None:
         hf, ours = results[("transformers", dtype)], results[("tinyomni", dtype)]
         for label, key, fmt in measures:
             table.add_row(dtype, label, fmt.format(hf[key]), fmt.format(ours[key]), f"{hf[key] / ours[key]:.2f}")
+        if "encode_bf16_encoders_s" in ours:  # against transformers' encode in this dtype
+            key = "encode_bf16_encoders_s"
+            table.add_row(dtype, "vision encode, encoder_dtype=bfloat16 (s)", f"{hf['encode_s']:.3f}",
+                          f"{ours[key]:.3f}", f"{hf['encode_s'] / ours[key]:.2f}")
     console.print(table)
     console.print(json.dumps({f"{e}/{d}": r for (e, d), r in results.items()}))
 

@@ -33,6 +33,7 @@ from tinyomni.config import AudioConfig, DecoderConfig, OmniConfig, VisionConfig
 from tinyomni.errors import CheckpointError, InputError
 from tinyomni.generate import Completion, Generation, SamplingParams
 from tinyomni.model import lora
+from tinyomni.model.media_cache import MediaCache
 from tinyomni.model.omni import OmniModel
 from tinyomni.processing.chat import ChatProcessor, Prompt
 from tinyomni.processing.instructblip import read_instruction_tokenizer, save_instruction_tokenizer
@@ -62,6 +63,8 @@ class Model:
     def __init__(self, model: OmniModel, tokenizer: Tokenizer, chat_template: str | None = None,
                  name: str = "model") -> None:
         self.model = model.eval()
+        if model.media_cache is None and (model.vision_tower is not None or model.audio_tower is not None):
+            model.media_cache = MediaCache.from_env()  # images seen again (next turn, next request) skip the tower
         self.tokenizer = tokenizer
         self.name = name
         # True when the decoder no longer equals its base (a LoRA adapter merged at load): saving then
@@ -263,6 +266,17 @@ class Model:
             facts["max_audio_seconds"] = config.audio.max_source_positions * 2 * 160 / 16000
         return facts
 
+    def cast_encoders(self, dtype: torch.dtype | str) -> Model:
+        """Run the vision and audio towers and their projectors in `dtype`, the decoder as it is: e.g.
+        bfloat16 encoders (AMX tiles) in front of a float32 or quantized decoder. Their outputs are cast
+        to the decoder's dtype where they enter it."""
+        dtype = _dtype(dtype)
+        inner = self.model
+        for part in (inner.vision_tower, inner.multi_modal_projector, inner.audio_tower, inner.audio_projector):
+            if part is not None:
+                part.to(dtype=dtype)
+        return self
+
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Model:
         self.model.to(device=device, dtype=dtype)
         return self
@@ -273,11 +287,21 @@ QUANTIZE_MODES = ("int8", "int4")
 
 
 def load(path_or_id: str | Path | None = None, device: str | torch.device = "cpu",
-         dtype: torch.dtype | str = torch.float32, quantize: str | None = None) -> Model:
+         dtype: torch.dtype | str = torch.float32, quantize: str | None = None,
+         encoder_dtype: torch.dtype | str | None = None) -> Model:
     """Load a model: "tinyomni-world" (the default), a checkpoint directory, "smollm2", a .gguf file, a
     HF directory, or a hub id. `quantize` ("int8" | "int4") swaps the decoder's linears (LM head
     included) for the engine's weight-only quantized ones (tinyomni/engine), reading a GGUF base's
-    blocks as they are where the weights still match them."""
+    blocks as they are where the weights still match them. `encoder_dtype` runs the vision and audio
+    towers and their projectors in another dtype than the decoder (see Model.cast_encoders)."""
+    model = _load(path_or_id, device, dtype, quantize)
+    if encoder_dtype is not None:
+        model.cast_encoders(encoder_dtype)
+    return model
+
+
+def _load(path_or_id: str | Path | None, device: str | torch.device, dtype: torch.dtype | str,
+          quantize: str | None) -> Model:
     spec = str(path_or_id or DEFAULT_MODEL)
     dtype = _dtype(dtype)
     if quantize is not None and quantize not in QUANTIZE_MODES:

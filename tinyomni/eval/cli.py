@@ -37,6 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="weight-only int8/int4 decoder (the engine's CPU kernels)")
     run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                      help="for a tinyomni model")
+    run.add_argument("--encoder-dtype", default=None, choices=["float32", "bfloat16"],
+                     help="for a tinyomni model: the vision/audio towers' dtype, if not --dtype")
     run.add_argument("--out", "-o", help="output folder (default runs/eval/<model>)")
     run.add_argument("--batch-size", type=int, default=8)
     run.add_argument("--max-new-tokens", type=int, default=32)
@@ -101,7 +103,8 @@ def _run(args: argparse.Namespace) -> int:
     else:
         import tinyomni
 
-        model = tinyomni.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+        model = tinyomni.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                              encoder_dtype=args.encoder_dtype)
         name = Path(args.model).name or args.model
     out = args.out or str(Path("runs") / "eval" / re.sub(r"[^A-Za-z0-9_.-]+", "_", name))
     summary = evaluate(model, items, out, model_name=name, config=config)

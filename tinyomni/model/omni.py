@@ -18,6 +18,7 @@ from tinyomni.errors import InputError
 from tinyomni.model.aria_projector import AriaProjector, aria_padding
 from tinyomni.model.audio import AudioEncoder
 from tinyomni.model.decoder import CacheState, Decoder
+from tinyomni.model.media_cache import MediaCache, weights_state
 from tinyomni.model.moe import MoEDecoder
 from tinyomni.model.opt import OPTDecoder
 from tinyomni.model.phi import PhiDecoder
@@ -83,13 +84,58 @@ class OmniModel(nn.Module):
         # Set from the tokenizer when a model is loaded (see api.Model); -1 matches no token.
         self.image_token_id = -1
         self.audio_token_id = -1
+        # Encoded media by content (model/media_cache.py), for inference: api.Model sets one; None here,
+        # so a bare model (training, parity tests) always runs its encoders.
+        self.media_cache: MediaCache | None = None
 
     # --- encoders ----------------------------------------------------------------------------------
     def encode_images(self, pixel_values: Tensor, qformer_input_ids: list[Tensor] | None = None,
                       image_layouts: list[Layout] | None = None) -> Tensor:
         """[tiles, 3, S, S] → [tiles, tokens_per_tile, decoder_hidden]. An instruction-aware Q-Former also
         reads each tile's instruction ids (`qformer_input_ids`, one per tile); LLaVA-NeXT needs each image's
-        grid layout (`image_layouts`, one per image) and returns its packed features [tokens, decoder_hidden]."""
+        grid layout (`image_layouts`, one per image) and returns its packed features [tokens, decoder_hidden].
+        With a media cache (and no autograd) tiles encoded before are taken from it."""
+        cache = self.media_cache
+        if cache is None or torch.is_grad_enabled():
+            return self._encode_images(pixel_values, qformer_input_ids, image_layouts)
+        state = weights_state((self.vision_tower, self.multi_modal_projector))
+        n = pixel_values.shape[0]
+        joint = self.config.image_resize == "anyres" or self.config.vision_projector.kind in ("aria", "resampler")
+        per_tile = not joint and not image_layouts and (qformer_input_ids is None or len(qformer_input_ids) == n)
+        if not per_tile:  # tiles are encoded together (padding, packing): the whole call is the unit
+            key = cache.key("images", state, pixel_values, repr(image_layouts), *(qformer_input_ids or ()))
+            out = cache.get(key)
+            if out is None:
+                out = self._encode_images(pixel_values, qformer_input_ids, image_layouts)
+                cache.put(key, out)
+            return out
+        ids = qformer_input_ids or [None] * n
+        keys = [cache.key("tile", state, pixel_values[i], ids[i]) for i in range(n)]
+        outs = [cache.get(key) for key in keys]
+        missing = [i for i, out in enumerate(outs) if out is None]
+        if missing:
+            every = len(missing) == n
+            fresh = self._encode_images(pixel_values if every else pixel_values[missing],
+                                        [ids[i] for i in missing] if qformer_input_ids is not None else None)
+            for i, out in zip(missing, fresh):
+                outs[i] = out
+                cache.put(keys[i], out)
+        return torch.stack(outs)
+
+    def encode_audio(self, features: Tensor) -> Tensor:
+        """One clip's log-mel [n_mels, frames] → [tokens, decoder_hidden] (from the media cache when seen)."""
+        cache = self.media_cache
+        if cache is None or torch.is_grad_enabled():
+            return self._encode_audio(features)
+        key = cache.key("audio", weights_state((self.audio_tower, self.audio_projector)), features)
+        out = cache.get(key)
+        if out is None:
+            out = self._encode_audio(features)
+            cache.put(key, out)
+        return out
+
+    def _encode_images(self, pixel_values: Tensor, qformer_input_ids: list[Tensor] | None = None,
+                       image_layouts: list[Layout] | None = None) -> Tensor:
         if self.vision_tower is None:
             raise InputError("this model has no vision encoder")
         weight = self.vision_tower.embeddings.patch_embedding.weight
@@ -128,8 +174,7 @@ class OmniModel(nn.Module):
             return self.multi_modal_projector.pack(self.multi_modal_projector(features), layouts)
         return self.multi_modal_projector(features)
 
-    def encode_audio(self, features: Tensor) -> Tensor:
-        """One clip's log-mel [n_mels, frames] → [tokens, decoder_hidden]."""
+    def _encode_audio(self, features: Tensor) -> Tensor:
         if self.audio_tower is None:
             raise InputError("this model has no audio encoder")
         weight = self.audio_tower.conv1.weight

@@ -1,0 +1,36 @@
+"""`encoder_dtype` (load, and --encoder-dtype on chat/serve/eval): bfloat16 towers and projectors in
+front of a float32 decoder, their outputs cast where they enter it."""
+
+from __future__ import annotations
+
+import torch
+
+import tinyomni
+from tinyomni.cli import build_parser
+
+
+def test_bf16_encoders_feed_a_float32_decoder(media):
+    model = tinyomni.tiny_random_model(seed=0)
+    ask = [{"role": "user", "content": [{"type": "image", "image": media["red.png"]},
+                                        {"type": "audio", "audio": media["tone.wav"]},
+                                        {"type": "text", "text": "What is it?"}]}]
+    prompt = model.prepare(ask)
+    inner = model.model
+    inner.media_cache = None
+    with torch.inference_mode():
+        want = inner.embed(torch.tensor([prompt.input_ids]), prompt.pixel_values, prompt.audio_features)
+        model.cast_encoders("bfloat16")
+        got = inner.embed(torch.tensor([prompt.input_ids]), prompt.pixel_values, prompt.audio_features)
+    for part in (inner.vision_tower, inner.multi_modal_projector, inner.audio_tower, inner.audio_projector):
+        assert {p.dtype for p in part.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in inner.language_model.parameters()} == {torch.float32}
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)  # bf16's rounding, nothing else
+    assert model.complete(ask, max_new_tokens=2).completion_tokens >= 1
+
+
+def test_the_command_line_takes_it():
+    parser = build_parser()  # every command's options
+    for command in (["chat", "hi"], ["serve"], ["eval", "run", "world-bench"]):
+        assert parser.parse_args([*command, "--encoder-dtype", "bfloat16"]).encoder_dtype == "bfloat16"
+        assert parser.parse_args(command).encoder_dtype is None
