@@ -386,16 +386,8 @@ at::Tensor DecodeStack::forward(const at::Tensor& x, const at::Tensor& cos, cons
   return out;
 }
 
-void DecodeStack::set_head(const at::Tensor& norm, double eps, const at::Tensor& qweight, const at::Tensor& scales,
-                           const at::Tensor& mins, const std::optional<at::Tensor>& bias, int64_t bits,
-                           int64_t out_features) {
-  TORCH_CHECK(!has_head_, "DecodeStack: the head is already set");
-  TORCH_CHECK(norm.scalar_type() == dtype_ && norm.numel() == hidden_, "DecodeStack: the final norm's weight must be ",
-              hidden_, " values in ", dtype_);
-  check_packed(qweight, scales, mins, hidden_, out_features, bits);
-  at::Tensor f = norm.detach().to(at::kFloat).contiguous();
-  head_norm_.assign(f.data_ptr<float>(), f.data_ptr<float>() + hidden_);
-  head_eps_ = static_cast<float>(eps);
+PackedLinear DecodeStack::packed(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,
+                                 int64_t bits, int64_t out_features) {
   PackedLinear w;
   w.kind = static_cast<int>(bits);
   w.in = hidden_;
@@ -406,6 +398,20 @@ void DecodeStack::set_head(const at::Tensor& norm, double eps, const at::Tensor&
   w.scales = half_data(scales);
   w.mins = half_data(mins);
   keep_.insert(keep_.end(), {qweight, scales, mins});
+  return w;
+}
+
+void DecodeStack::set_head(const at::Tensor& norm, double eps, const at::Tensor& qweight, const at::Tensor& scales,
+                           const at::Tensor& mins, const std::optional<at::Tensor>& bias, int64_t bits,
+                           int64_t out_features) {
+  TORCH_CHECK(!has_head_, "DecodeStack: the head is already set");
+  TORCH_CHECK(norm.scalar_type() == dtype_ && norm.numel() == hidden_, "DecodeStack: the final norm's weight must be ",
+              hidden_, " values in ", dtype_);
+  check_packed(qweight, scales, mins, hidden_, out_features, bits);
+  at::Tensor f = norm.detach().to(at::kFloat).contiguous();
+  head_norm_.assign(f.data_ptr<float>(), f.data_ptr<float>() + hidden_);
+  head_eps_ = static_cast<float>(eps);
+  PackedLinear w = packed(qweight, scales, mins, bits, out_features);
   if (bias.has_value()) {
     at::Tensor b = bias->detach().to(at::kFloat).contiguous();
     TORCH_CHECK(b.numel() == out_features, "DecodeStack: the head's bias has ", b.numel(), " values for ", out_features);
@@ -419,16 +425,7 @@ void DecodeStack::set_head(const at::Tensor& norm, double eps, const at::Tensor&
 void DecodeStack::set_embedding_blocks(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,
                                        int64_t bits, int64_t vocab) {
   check_packed(qweight, scales, mins, hidden_, vocab, bits);
-  embed_blocks_ = PackedLinear();
-  embed_blocks_.kind = static_cast<int>(bits);
-  embed_blocks_.in = hidden_;
-  embed_blocks_.out = vocab;
-  embed_blocks_.blocks = qweight.size(1) / (bits == 4 ? 256 : 512);
-  embed_blocks_.groups = qweight.size(0);
-  embed_blocks_.qw = qweight.data_ptr<uint8_t>();
-  embed_blocks_.scales = half_data(scales);
-  embed_blocks_.mins = half_data(mins);
-  keep_.insert(keep_.end(), {qweight, scales, mins});
+  embed_blocks_ = packed(qweight, scales, mins, bits, vocab);
   embed_table_ = nullptr;
   vocab_ = vocab;
 }

@@ -87,6 +87,9 @@ class DecodeStack {
     const bool* key_valid = nullptr;
     int threads = 1;
   };
+  // A checked packed weight [out_features, hidden] as the kernels read it (its tensors kept alive).
+  PackedLinear packed(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins, int64_t bits,
+                      int64_t out_features);
   Step prepare(int64_t B, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
                const std::optional<at::Tensor>& rows, int64_t kv_len, const std::optional<at::Tensor>& key_valid);
   // The layers over x_ (and with `logits` the final norm and head into it: float [B, vocab], and
