@@ -148,4 +148,33 @@ void finish_output(Q8Activations& act, float* result, const std::optional<at::Te
   }
 }
 
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                         const at::Tensor& mins, const std::optional<at::Tensor>& bias, int64_t in_features,
+                         int64_t out_features, int64_t passes, int64_t bits, GemvKernel gemv,
+                         DequantizeKernel dequantize) {
+  check_packed(qweight, scales, mins, in_features, out_features, bits);
+  at::Tensor x2d = as_matrix(x, in_features);
+  const int64_t M = x2d.size(0), N = out_features, nb = (in_features + QK - 1) / QK, groups = qweight.size(0);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  if (M > GEMV_MAX_ROWS && gemm_available()) {  // prefill on AMX: no dequantized copy
+    return quantized_gemm(x2d, qweight, scales, mins, bias, N, bits).view(shape);
+  }
+  if (M > GEMV_MAX_ROWS) {  // prefill without AMX: dequantize once, dense GEMM
+    TORCH_CHECK(dequantize != nullptr, "this kernel takes 1..", GEMV_MAX_ROWS, " rows, got ", M);
+    at::Tensor w = dequantize(qweight, scales, mins, in_features, N, x.scalar_type());
+    return at::linear(x2d, w, bias.has_value() ? bias->to(x.scalar_type()) : std::optional<at::Tensor>())
+        .view(shape);
+  }
+  at::Tensor out = at::empty({M, N}, x.options());
+  Q8Activations& act = quantize_activations(x2d, nb, static_cast<int>(passes));
+  float* result = output_buffer(act, out);
+  const uint8_t* qw = qweight.data_ptr<uint8_t>();
+  const at::Half* sc = half_data(scales);
+  const at::Half* mn = half_data(mins);
+  at::parallel_for(0, groups, GROUP_GRAIN, [&](int64_t begin, int64_t end) { gemv(qw, sc, mn, nb, act, M, begin, end, result, N); });
+  finish_output(act, result, bias, out);
+  return out.view(shape);
+}
+
 }  // namespace tinyomni

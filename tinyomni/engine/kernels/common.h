@@ -90,6 +90,22 @@ at::Tensor quantized_gemm(const at::Tensor& x2d, const at::Tensor& qweight, cons
 void check_packed(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins, int64_t in_features,
                   int64_t out_features, int64_t bits);
 
+// A matrix-vector kernel over row groups [begin, end): int4_gemv, int8_gemv or their batched forms.
+using GemvKernel = void (*)(const uint8_t*, const at::Half*, const at::Half*, int64_t, const Q8Activations&, int64_t,
+                            int64_t, int64_t, float*, int64_t);
+// Dequantizes a packed weight to a dense [out, in] tensor of a dtype (int4_dequantize, int8_dequantize).
+using DequantizeKernel = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+                                        at::ScalarType);
+
+// The quantized linear for either width (`bits` 4 or 8): the weight checked, then more than
+// GEMV_MAX_ROWS rows (prefill) on the AMX GEMM where available, else `dequantize` + a dense GEMM
+// (nullptr: not allowed); up to GEMV_MAX_ROWS rows as quantized activations through `gemv`, its row
+// groups split across the threads; bias and the output dtype last.
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                         const at::Tensor& mins, const std::optional<at::Tensor>& bias, int64_t in_features,
+                         int64_t out_features, int64_t passes, int64_t bits, GemvKernel gemv,
+                         DequantizeKernel dequantize);
+
 // Shape checks shared by both kernels; returns x as a contiguous [M, K] matrix.
 at::Tensor as_matrix(const at::Tensor& x, int64_t in_features);
 

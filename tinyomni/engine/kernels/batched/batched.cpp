@@ -310,25 +310,10 @@ at::Tensor batched_linear(const at::Tensor& x, const at::Tensor& qweight, const 
                           const at::Tensor& mins, const std::optional<at::Tensor>& bias, int64_t in_features,
                           int64_t out_features, int64_t bits, int64_t passes) {
   TORCH_CHECK(batched_supported(), "the AMX int8 batched kernel is not available on this CPU (or the OS refused tile data)");
-  check_packed(qweight, scales, mins, in_features, out_features, bits);
-  const int64_t nb = (in_features + QK - 1) / QK, groups = (out_features + ROWS - 1) / ROWS;
-  at::Tensor x2d = as_matrix(x, in_features);
-  const int64_t M = x2d.size(0), N = out_features;
+  const int64_t M = in_features > 0 ? x.numel() / in_features : 0;
   TORCH_CHECK(M >= 1 && M <= GEMV_MAX_ROWS, "the batched kernel takes 1..", GEMV_MAX_ROWS, " rows, got ", M);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  at::Tensor out = at::empty({M, N}, x.options());
-  Q8Activations& act = quantize_activations(x2d, nb, static_cast<int>(passes));
-  float* result = output_buffer(act, out);
-  const uint8_t* qw = qweight.data_ptr<uint8_t>();
-  const at::Half* sc = half_data(scales);
-  const at::Half* mn = half_data(mins);
-  at::parallel_for(0, groups, GROUP_GRAIN, [&](int64_t begin, int64_t end) {
-    if (bits == 4) int4_batched_gemv(qw, sc, mn, nb, act, M, begin, end, result, N);
-    else int8_batched_gemv(qw, sc, mn, nb, act, M, begin, end, result, N);
-  });
-  finish_output(act, result, bias, out);
-  return out.view(shape);
+  return packed_linear(x, qweight, scales, mins, bias, in_features, out_features, passes, bits,
+                       bits == 4 ? int4_batched_gemv : int8_batched_gemv, nullptr);
 }
 
 }  // namespace tinyomni

@@ -101,18 +101,6 @@ void run_range(const uint8_t* qw, const at::Half* sc, const at::Half* mn, int64_
   }
 }
 
-void check_weight(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins, int64_t in_features,
-                  int64_t out_features) {
-  const int64_t nb = (in_features + QK - 1) / QK, groups = (out_features + ROWS - 1) / ROWS;
-  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous() && qweight.dim() == 2 &&
-                  qweight.size(0) == groups && qweight.size(1) == nb * 512,
-              "int8 qweight must be a contiguous uint8 [", groups, ", ", nb * 512, "] tensor (packed rows)");
-  for (const at::Tensor* t : {&scales, &mins}) {
-    TORCH_CHECK(is_half_bits(*t) && t->is_contiguous() && t->numel() == groups * nb * ROWS,
-                "int8 scales and mins must be contiguous float16 (or int16 holding float16 bits) [", groups, ", ",
-                nb * ROWS, "]");
-  }
-}
 
 }  // namespace
 
@@ -163,7 +151,7 @@ void dequantize_into(const uint8_t* qw, const at::Half* sc, const at::Half* mn, 
 
 at::Tensor int8_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& mins,
                            int64_t in_features, int64_t out_features, at::ScalarType dtype) {
-  check_weight(qweight, scales, mins, in_features, out_features);
+  check_packed(qweight, scales, mins, in_features, out_features, 8);
   const int64_t groups = qweight.size(0), nb = qweight.size(1) / 512;
   const bool bf16 = dtype == at::kBFloat16;
   at::Tensor out = at::empty({out_features, in_features}, at::TensorOptions().dtype(bf16 ? at::kBFloat16 : at::kFloat));
@@ -181,30 +169,8 @@ at::Tensor int8_dequantize(const at::Tensor& qweight, const at::Tensor& scales, 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                        const at::Tensor& mins, const std::optional<at::Tensor>& bias, int64_t in_features,
                        int64_t out_features, int64_t passes) {
-  check_weight(qweight, scales, mins, in_features, out_features);
-  at::Tensor x2d = as_matrix(x, in_features);
-  const int64_t M = x2d.size(0), N = out_features, nb = qweight.size(1) / 512, groups = qweight.size(0);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  if (M > GEMV_MAX_ROWS && gemm_available()) {  // prefill on AMX: no dequantized copy
-    return quantized_gemm(x2d, qweight, scales, mins, bias, N, 8).view(shape);
-  }
-  if (M > GEMV_MAX_ROWS) {  // prefill without AMX: dequantize once, dense GEMM
-    at::Tensor w = int8_dequantize(qweight, scales, mins, in_features, N, x.scalar_type());
-    return at::linear(x2d, w, bias.has_value() ? bias->to(x.scalar_type()) : std::optional<at::Tensor>())
-        .view(shape);
-  }
-  at::Tensor out = at::empty({M, N}, x.options());
-  Q8Activations& act = quantize_activations(x2d, nb, static_cast<int>(passes));
-  float* result = output_buffer(act, out);
-  const uint8_t* qw = qweight.data_ptr<uint8_t>();
-  const at::Half* sc = half_data(scales);
-  const at::Half* mn = half_data(mins);
-  at::parallel_for(0, groups, GROUP_GRAIN, [&](int64_t begin, int64_t end) {
-    int8_gemv(qw, sc, mn, nb, act, M, begin, end, result, N);
-  });
-  finish_output(act, result, bias, out);
-  return out.view(shape);
+  return packed_linear(x, qweight, scales, mins, bias, in_features, out_features, passes, 8, int8_gemv,
+                       int8_dequantize);
 }
 
 }  // namespace tinyomni
