@@ -1,5 +1,6 @@
 """`encoder_dtype` (load, and --encoder-dtype on chat/serve/eval): bfloat16 towers and projectors in
-front of a float32 decoder, their outputs cast where they enter it."""
+front of a float32 decoder, their outputs cast where they enter it; `tinyomni info` says so, and which
+of the engine's paths a quantized decoder takes."""
 
 from __future__ import annotations
 
@@ -34,3 +35,21 @@ def test_the_command_line_takes_it():
     for command in (["chat", "hi"], ["serve"], ["eval", "run", "world-bench"]):
         assert parser.parse_args([*command, "--encoder-dtype", "bfloat16"]).encoder_dtype == "bfloat16"
         assert parser.parse_args(command).encoder_dtype is None
+
+
+def test_info_says_which_engine_paths_run_and_the_encoders_dtype():
+    model = tinyomni.tiny_random_model(seed=0)
+    assert "engine" not in model.info() and "encoder_dtype" not in model.info()
+    from tinyomni.engine import ops, quantize_model
+
+    quantize_model(model.model, "int4", gguf=False)
+    model.quantization = "int4"
+    model.cast_encoders("bfloat16")
+    facts = model.info()
+    assert facts["encoder_dtype"] == "bfloat16"
+    engine = facts["engine"]
+    assert engine["kernels"] == ops.kernel_path() and engine["prefill"] == ops.prefill_path()
+    if ops.using_extension():
+        assert engine["decode step"] == "one C++ call a token, ids to logits"
+    else:
+        assert engine["decode step"].startswith("layer by layer")

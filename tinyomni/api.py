@@ -235,6 +235,11 @@ class Model:
                 layers = {id(m): m for m in getattr(self.model, part).modules() if isinstance(m, QuantLinear)}
                 facts["parameters"][part] += sum(m.in_features * m.out_features for m in layers.values())
             facts["quantization"] = self.quantization
+            facts["engine"] = _engine_facts(self.model.language_model)
+        encoders = [p for part in (self.model.vision_tower, self.model.audio_tower) if part is not None
+                    for p in part.parameters()]
+        if encoders and encoders[0].dtype != self.model.language_model.model.norm.weight.dtype:
+            facts["encoder_dtype"] = str(encoders[0].dtype).replace("torch.", "")
         if config.vision is not None:
             facts["tile_size"] = config.vision.image_size
             facts["tokens_per_tile"] = config.image_tokens_per_tile
@@ -284,6 +289,25 @@ class Model:
 
 # --- loading ---------------------------------------------------------------------------------------
 QUANTIZE_MODES = ("int8", "int4")
+
+
+def _engine_facts(decoder: torch.nn.Module) -> dict[str, str]:
+    """Which of the engine's paths a quantized decoder takes here (kernels, prefill, batched decode, the
+    fused decode step), each with the reason where it is not the fast one."""
+    from tinyomni.engine import ops
+    from tinyomni.engine.fused import FusedDecode
+
+    step = getattr(decoder, "decode_step", None)
+    if not isinstance(step, FusedDecode):
+        fused = "layer by layer (no fused step installed)"
+    elif not ops.using_extension():
+        fused = "layer by layer (the C++ kernels are not in use)"
+    else:
+        why = step.why_not_logits()
+        fused = "one C++ call a token, ids to logits" if not why else \
+            ("one C++ call for the layers; " + why if not step.why_not() else f"layer by layer ({why})")
+    return {"kernels": ops.kernel_path(), "prefill": ops.prefill_path(), "batched decode": ops.batched_path(),
+            "decode step": fused}
 
 
 def load(path_or_id: str | Path | None = None, device: str | torch.device = "cpu",

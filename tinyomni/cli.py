@@ -270,6 +270,10 @@ def run_info(args: argparse.Namespace) -> int:
     table.add_row("dtype", facts["dtype"])
     if "quantization" in facts:
         table.add_row("decoder weights", f"{facts['quantization']} (weight-only, the engine's kernels)")
+        for what, path in facts["engine"].items():
+            table.add_row(f"engine: {what}", path)
+    if "encoder_dtype" in facts:
+        table.add_row("encoders dtype", facts["encoder_dtype"])
     if "tile_size" in facts:
         table.add_row("image tile", f"{facts['tile_size']} px, {facts['tokens_per_tile']} tokens")
         note = " (+ a thumbnail when tiled)" if facts["use_thumbnail"] else ""
