@@ -10,12 +10,10 @@ import sys
 
 import pytest
 import torch
+from kernel_cases import REFS, random_case
 
 from tinyomni.engine import QuantLinear, ops
-from tinyomni.engine.kernels.int4 import reference as int4_ref
-from tinyomni.engine.kernels.int8 import reference as int8_ref
 
-REFS = {4: int4_ref, 8: int8_ref}
 needs_kernels = pytest.mark.skipif(not ops.has_extension(), reason=f"C++ kernels unavailable: {ops.kernel_path()}")
 needs_batched = pytest.mark.skipif(not (ops.has_extension() and ops.extension().batched_supported()),
                                    reason=f"AMX int8 batched kernel unavailable: {ops.batched_path()}")
@@ -31,12 +29,6 @@ def _batched_back_on():
     ops.use_reference(False)
 
 
-def _case(bits: int, N: int, K: int, M: int, dtype: torch.dtype, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    q, s, m = REFS[bits].quantize(torch.randn(N, K, generator=gen) * 0.1)
-    return torch.randn(M, K, generator=gen).to(dtype), q, s, m, torch.randn(N, generator=gen)
-
-
 def _gemv(bits: int):
     ext = ops.extension()
     return ext.int4_linear if bits == 4 else ext.int8_linear
@@ -50,7 +42,7 @@ def test_batched_matches_reference_and_gemv_on_odd_shapes(bits, dtype, passes):
     ext = ops.extension()
     for i, (N, K) in enumerate(SHAPES):
         for M in range(2, 17) if i == 0 else (2, 3, 8, 13, 16):
-            x, q, s, m, bias = _case(bits, N, K, M, dtype, seed=100 * i + M)
+            x, q, s, m, bias = random_case(bits, N, K, M, dtype, seed=100 * i + M)
             b = bias if M % 2 else None
             got = ext.batched_linear(x, q, s, m, b, K, N, bits, passes)
             assert got.dtype == dtype and got.shape == (M, N)
@@ -70,7 +62,7 @@ def test_batched_takes_one_row_too():
     """The dispatch sends 2..16 rows; the direct entry point also takes one (the GEMV's arithmetic)."""
     ext = ops.extension()
     for bits in (4, 8):
-        x, q, s, m, bias = _case(bits, 37, 70, 1, torch.float32, seed=bits)
+        x, q, s, m, bias = random_case(bits, 37, 70, 1, torch.float32, seed=bits)
         got = ext.batched_linear(x, q, s, m, bias, 70, 37, bits, 2)
         assert torch.equal(got, _gemv(bits)(x, q, s, m, bias, 70, 37, 2))
 
@@ -80,7 +72,7 @@ def test_batched_takes_one_row_too():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quant_linear_batches_take_the_kernel_and_switch_off(kind, dtype):
     bits = 4 if kind == "int4" else 8
-    x, q, s, m, bias = _case(bits, 40, 96, 6, dtype, seed=7)
+    x, q, s, m, bias = random_case(bits, 40, 96, 6, dtype, seed=7)
     layer = QuantLinear(kind, q, s, m, bias, 96, 40)
     assert ops.batched_path() == "amx-int8"
     got = layer(x.view(2, 3, 96))  # leading dims flattened: 6 rows, a batched decode step
@@ -109,7 +101,7 @@ def test_fused_decode_step_is_the_same_with_the_batched_kernel(monkeypatch, mode
 @needs_batched
 def test_batched_rejects_what_it_cannot_run():
     ext = ops.extension()
-    x, q, s, m, _ = _case(4, 40, 64, 4, torch.float32, seed=1)
+    x, q, s, m, _ = random_case(4, 40, 64, 4, torch.float32, seed=1)
     with pytest.raises(RuntimeError, match="int4 qweight must be"):
         ext.batched_linear(x, q[:, :-1].contiguous(), s, m, None, 64, 40, 4, 1)
     with pytest.raises(RuntimeError, match="bits must be 4 or 8"):
@@ -127,7 +119,7 @@ def test_batched_path_says_why_not():
         assert path.startswith("vnni-gemv (pytorch-reference")
     elif not ops.extension().batched_supported():
         assert path == "vnni-gemv (this CPU lacks AMX-INT8, or Linux refused tile data)"
-        x, q, s, m, _ = _case(4, 40, 64, 4, torch.float32, seed=1)
+        x, q, s, m, _ = random_case(4, 40, 64, 4, torch.float32, seed=1)
         with pytest.raises(RuntimeError, match="not available on this CPU"):
             ops.extension().batched_linear(x, q, s, m, None, 64, 40, 4, 1)
     else:

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_cases import random_case
 
 from tinyomni.engine import QuantLinear, ops
 from tinyomni.engine.kernels.gemm import reference as gemm_ref
-from tinyomni.engine.kernels.int4 import reference as int4_ref
-from tinyomni.engine.kernels.int8 import reference as int8_ref
 
-REFS = {4: int4_ref, 8: int8_ref}
 needs_gemm = pytest.mark.skipif(not (ops.has_extension() and ops.extension().gemm_supported()),
                                 reason=f"AMX GEMM unavailable: {ops.prefill_path()}")
 # (output rows, input features): outputs not a multiple of 16 (nor of 32, the kernel's pairs of row
@@ -27,13 +25,6 @@ def _gemm_back_on():
     ops.use_reference(False)
 
 
-def _case(bits: int, N: int, K: int, M: int, dtype: torch.dtype, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    q, s, m = REFS[bits].quantize(torch.randn(N, K, generator=gen) * 0.1)
-    x = torch.randn(M, K, generator=gen).to(dtype)
-    return x, q, s, m, torch.randn(N, generator=gen)
-
-
 @needs_gemm
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -41,7 +32,7 @@ def test_gemm_matches_reference_on_odd_shapes(bits, dtype):
     ext = ops.extension()
     for i, (N, K) in enumerate(SHAPES):
         for M in ROWS:
-            x, q, s, m, bias = _case(bits, N, K, M, dtype, seed=100 * i + M)
+            x, q, s, m, bias = random_case(bits, N, K, M, dtype, seed=100 * i + M)
             for b in (bias, None):
                 got = ext.gemm_linear(x, q, s, m, b, K, N, bits)
                 assert got.dtype == dtype and got.shape == (M, N)
@@ -64,7 +55,7 @@ def test_gemm_matches_reference_on_odd_shapes(bits, dtype):
 @needs_gemm
 def test_reference_split_is_close_to_fp32():
     """The reference's hi/lo arithmetic itself is what the kernel claims: fp32 to ~1e-5, unlike bf16."""
-    x, q, s, m, _ = _case(4, 40, 96, 9, torch.float32, seed=3)
+    x, q, s, m, _ = random_case(4, 40, 96, 9, torch.float32, seed=3)
     fp32 = gemm_ref.linear(x, q, s, m, None, 96, 40, 4)
     split = gemm_ref.linear_split(x, q, s, m, None, 96, 40, 4)
     bf16 = gemm_ref.linear(x.bfloat16(), q, s, m, None, 96, 40, 4).float()
@@ -77,7 +68,7 @@ def test_reference_split_is_close_to_fp32():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quant_linear_prompts_take_the_gemm_and_fall_back(kind, dtype):
     bits = 4 if kind == "int4" else 8
-    x, q, s, m, bias = _case(bits, 40, 64, 33, dtype, seed=7)
+    x, q, s, m, bias = random_case(bits, 40, 64, 33, dtype, seed=7)
     layer = QuantLinear(kind, q, s, m, bias, 64, 40)
     assert ops.prefill_path() == "amx-gemm"
     got = layer(x.view(3, 11, 64))  # leading dims flattened: 33 rows > 16, the GEMM
@@ -95,7 +86,7 @@ def test_quant_linear_prompts_take_the_gemm_and_fall_back(kind, dtype):
 
 @needs_gemm
 def test_gemm_rejects_bad_weights():
-    x, q, s, m, _ = _case(4, 40, 64, 20, torch.float32, seed=1)
+    x, q, s, m, _ = random_case(4, 40, 64, 20, torch.float32, seed=1)
     ext = ops.extension()
     with pytest.raises(RuntimeError, match="int4 qweight must be"):
         ext.gemm_linear(x, q[:, :-1].contiguous(), s, m, None, 64, 40, 4)
