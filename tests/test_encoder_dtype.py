@@ -53,3 +53,19 @@ def test_info_says_which_engine_paths_run_and_the_encoders_dtype():
         assert engine["decode step"] == "one C++ call a token, ids to logits"
     else:
         assert engine["decode step"].startswith("layer by layer")
+
+
+def test_info_works_for_every_decoder_kind():
+    """OPT (BLIP-2) and Phi decoders name their final norm otherwise; info() must not assume a Llama."""
+    import copy
+
+    from tinyomni import api
+    from tinyomni.model.omni import OmniModel
+
+    base = tinyomni.tiny_random_model(seed=0)
+    for kind in ("opt", "phi"):
+        config = copy.deepcopy(base.config)
+        config.decoder.kind = kind
+        model = api.Model(OmniModel(config), base.tokenizer).cast_encoders("bfloat16")
+        facts = model.info()
+        assert (facts["dtype"], facts["encoder_dtype"]) == ("float32", "bfloat16")

@@ -57,6 +57,11 @@ def test_embeddings_from_the_cache_equal_fresh_ones(media):
         mixed = inner.encode_images(pixels)
     assert inner.media_cache.hits == 1 and inner.media_cache.misses == pixels.shape[0]
     torch.testing.assert_close(mixed, fresh, rtol=1e-5, atol=1e-6)
+    # Each entry holds its own tile, not the batch it was encoded in (the byte bound counts tiles).
+    entries = list(inner.media_cache._entries.values())
+    assert len(entries) == torch.unique(pixels.flatten(1), dim=0).shape[0]  # a plain image's tiles are alike
+    assert all(e.untyped_storage().nbytes() == e.numel() * e.element_size() for e in entries)
+    assert inner.media_cache.bytes == sum(e.numel() * e.element_size() for e in entries)
 
 
 def test_changed_encoder_weights_are_never_served_from_the_cache(media):

@@ -238,7 +238,7 @@ class Model:
             facts["engine"] = _engine_facts(self.model.language_model)
         encoders = [p for part in (self.model.vision_tower, self.model.audio_tower) if part is not None
                     for p in part.parameters()]
-        if encoders and encoders[0].dtype != self.model.language_model.model.norm.weight.dtype:
+        if encoders and encoders[0].dtype != next(self.model.language_model.parameters()).dtype:
             facts["encoder_dtype"] = str(encoders[0].dtype).replace("torch.", "")
         if config.vision is not None:
             facts["tile_size"] = config.vision.image_size
@@ -302,10 +302,12 @@ def _engine_facts(decoder: torch.nn.Module) -> dict[str, str]:
         fused = "layer by layer (no fused step installed)"
     elif not ops.using_extension():
         fused = "layer by layer (the C++ kernels are not in use)"
+    elif step.why_not():
+        fused = f"layer by layer ({step.why_not()})"
+    elif step.why_not_logits():
+        fused = f"one C++ call for the layers ({step.why_not_logits()})"
     else:
-        why = step.why_not_logits()
-        fused = "one C++ call a token, ids to logits" if not why else \
-            ("one C++ call for the layers; " + why if not step.why_not() else f"layer by layer ({why})")
+        fused = "one C++ call a token, ids to logits"
     return {"kernels": ops.kernel_path(), "prefill": ops.prefill_path(), "batched decode": ops.batched_path(),
             "decode step": fused}
 

@@ -73,7 +73,10 @@ class MediaCache:
         size = value.numel() * value.element_size()
         if size > self.max_bytes or key in self._entries:
             return
-        self._entries[key] = value.detach()
+        value = value.detach()
+        if value.untyped_storage().nbytes() > size:  # one tile of a batch: keep it, not the whole batch
+            value = value.clone()
+        self._entries[key] = value
         self.bytes += size
         while self.bytes > self.max_bytes:
             _, old = self._entries.popitem(last=False)

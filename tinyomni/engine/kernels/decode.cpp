@@ -483,6 +483,11 @@ at::Tensor DecodeStack::forward_logits(const at::Tensor& ids, const at::Tensor& 
               "DecodeStack: cos/sin tables must be [positions, ", head_dim_, "] float32 or bfloat16");
   const int64_t* t = id.data_ptr<int64_t>();
   const int64_t* p = pos.data_ptr<int64_t>();
+  // One table value as a float (RotaryEmbedding's buffers follow model.to(): float32 or bfloat16).
+  const bool f32_tables = ct.scalar_type() == at::kFloat;
+  auto value = [f32_tables](const at::Tensor& table, int64_t at) {
+    return f32_tables ? table.data_ptr<float>()[at] : static_cast<float>(table.data_ptr<at::BFloat16>()[at]);
+  };
   // Token rows, rounded to the activation dtype as the lookup's .to(dtype) does; each row's rotary
   // values in the activation dtype, as RotaryEmbedding's gather and cast give them.
   at::Tensor c = at::empty({B, head_dim_}, ct.options().dtype(dtype_)), s = at::empty({B, head_dim_}, c.options());
@@ -502,9 +507,7 @@ at::Tensor DecodeStack::forward_logits(const at::Tensor& ids, const at::Tensor& 
       std::memcpy(xr, static_cast<const float*>(embed_table_) + t[b] * hidden_, hidden_ * sizeof(float));
     }
     for (int64_t i = 0; i < head_dim_; ++i) {
-      const int64_t at = p[b] * head_dim_ + i;
-      const float cv = ct.scalar_type() == at::kFloat ? ct.data_ptr<float>()[at] : static_cast<float>(ct.data_ptr<at::BFloat16>()[at]);
-      const float sv = ct.scalar_type() == at::kFloat ? stab.data_ptr<float>()[at] : static_cast<float>(stab.data_ptr<at::BFloat16>()[at]);
+      const float cv = value(ct, p[b] * head_dim_ + i), sv = value(stab, p[b] * head_dim_ + i);
       if (dtype_ == at::kBFloat16) {
         c.data_ptr<at::BFloat16>()[b * head_dim_ + i] = at::BFloat16(cv);
         s.data_ptr<at::BFloat16>()[b * head_dim_ + i] = at::BFloat16(sv);
