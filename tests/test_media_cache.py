@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tinyomni
+from tinyomni.errors import InputError
 from tinyomni.model.media_cache import MediaCache
 
 
@@ -120,5 +121,5 @@ def test_the_size_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("TINYOMNI_MEDIA_CACHE_MB", "2")
     assert MediaCache.from_env().max_bytes == 2 << 20
     monkeypatch.setenv("TINYOMNI_MEDIA_CACHE_MB", "lots")
-    with pytest.raises(ValueError, match="TINYOMNI_MEDIA_CACHE_MB"):
+    with pytest.raises(InputError, match="TINYOMNI_MEDIA_CACHE_MB"):
         MediaCache.from_env()

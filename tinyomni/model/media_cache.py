@@ -19,6 +19,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from tinyomni.errors import InputError
+
 SIZE_ENV = "TINYOMNI_MEDIA_CACHE_MB"  # capacity in MB; 0 turns the cache off
 DEFAULT_MB = 128
 
@@ -40,7 +42,7 @@ class MediaCache:
         try:
             mb = float(raw)
         except ValueError:
-            raise ValueError(f"{SIZE_ENV}={raw!r} is not a number of megabytes") from None
+            raise InputError(f"{SIZE_ENV}={raw!r} is not a number of megabytes") from None
         return cls(int(mb * (1 << 20))) if mb > 0 else None
 
     def __len__(self) -> int:
